@@ -1,0 +1,133 @@
+"""ResNet backbones and the Feature Pyramid Network (FPN).
+
+Layer names follow matterport (``conv1``, ``bn_conv1``, ``res2a_branch2a``,
+``bn2a_branch2a``, ..., ``fpn_c5p5``, ``fpn_p2``...), so that the
+``layers="3+"``-style selection and loading matterport ``.h5`` weights by name
+keep working.
+
+Backbones:
+    resnet50      [3, 4, 6, 3] bottleneck blocks, 64..2048 channels
+    resnet101     [3, 4, 23, 3] bottleneck blocks
+    resnet_small  [1, 1, 1, 1] bottleneck blocks, a quarter of the channels; for
+                  CPU tests and demos (about 1/30 of resnet50's parameters)
+"""
+
+import keras
+from keras import layers
+
+STAGE_BLOCKS = {
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+    "resnet_small": (1, 1, 1, 1),
+}
+WIDTH = {"resnet50": 64, "resnet101": 64, "resnet_small": 16}
+
+
+def _bn(name, train_bn):
+    """BatchNorm called in inference mode unless ``train_bn`` (frozen stats)."""
+    bn = layers.BatchNormalization(name=name, epsilon=1e-3)
+    return lambda x: bn(x, training=train_bn)
+
+
+def _bottleneck(x, kernel_size, filters, stage, block, train_bn, strides=None):
+    """ResNet bottleneck block; a projection shortcut when ``strides`` is given.
+
+    x: [batch, height, width, channels] -> [batch, height/stride, width/stride, filters[2]]
+    """
+    f1, f2, f3 = filters
+    conv = f"res{stage}{block}_branch"
+    bn = f"bn{stage}{block}_branch"
+    s = strides or (1, 1)
+    y = layers.Conv2D(f1, 1, strides=s, name=conv + "2a", use_bias=True)(x)
+    y = _bn(bn + "2a", train_bn)(y)
+    y = layers.Activation("relu")(y)
+    y = layers.Conv2D(f2, kernel_size, padding="same", name=conv + "2b", use_bias=True)(y)
+    y = _bn(bn + "2b", train_bn)(y)
+    y = layers.Activation("relu")(y)
+    y = layers.Conv2D(f3, 1, name=conv + "2c", use_bias=True)(y)
+    y = _bn(bn + "2c", train_bn)(y)
+    if strides is not None:
+        shortcut = layers.Conv2D(f3, 1, strides=s, name=conv + "1", use_bias=True)(x)
+        shortcut = _bn(bn + "1", train_bn)(shortcut)
+    else:
+        shortcut = x
+    y = layers.Add()([y, shortcut])
+    return layers.Activation("relu", name=f"res{stage}{block}_out")(y)
+
+
+def resnet_graph(input_image, architecture, train_bn=False):
+    """Build the ResNet stages C1..C5.
+
+    input_image: [batch, H, W, channels] (H, W divisible by 64)
+    Returns [C1, C2, C3, C4, C5] with strides 2, 4, 8, 16, 32.
+    """
+    if architecture not in STAGE_BLOCKS:
+        raise ValueError(f"unknown backbone {architecture!r}; choose one of {sorted(STAGE_BLOCKS)}")
+    blocks = STAGE_BLOCKS[architecture]
+    w = WIDTH[architecture]
+    # Stage 1
+    x = layers.ZeroPadding2D((3, 3))(input_image)
+    x = layers.Conv2D(w, 7, strides=2, name="conv1", use_bias=True)(x)
+    x = _bn("bn_conv1", train_bn)(x)
+    x = layers.Activation("relu")(x)
+    c1 = x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    outputs = [c1]
+    for i, n_blocks in enumerate(blocks):
+        stage = i + 2
+        scale = 2 ** i
+        filters = (w * scale, w * scale, 4 * w * scale)
+        strides = (1, 1) if stage == 2 else (2, 2)
+        x = _bottleneck(x, 3, filters, stage, "a", train_bn, strides=strides)
+        for b in range(1, n_blocks):
+            # matterport names blocks a, b, c, ... (resnet101 stage 4: b1..b22 in
+            # the original Caffe naming; letters keep names unique and stable).
+            x = _bottleneck(x, 3, filters, stage, _block_name(b), train_bn)
+        outputs.append(x)
+    return outputs
+
+
+def _block_name(i):
+    return chr(ord("a") + i) if i < 26 else f"b{i}"
+
+
+def fpn_graph(c2, c3, c4, c5, pyramid_size):
+    """Top-down Feature Pyramid Network.
+
+    Returns [P2, P3, P4, P5, P6], each [batch, H/stride, W/stride, pyramid_size]
+    with strides 4, 8, 16, 32, 64. P6 (max-pooled P5) feeds only the RPN.
+    """
+    p5 = layers.Conv2D(pyramid_size, 1, name="fpn_c5p5")(c5)
+    p4 = layers.Add(name="fpn_p4add")([
+        layers.UpSampling2D(2, name="fpn_p5upsampled")(p5),
+        layers.Conv2D(pyramid_size, 1, name="fpn_c4p4")(c4)])
+    p3 = layers.Add(name="fpn_p3add")([
+        layers.UpSampling2D(2, name="fpn_p4upsampled")(p4),
+        layers.Conv2D(pyramid_size, 1, name="fpn_c3p3")(c3)])
+    p2 = layers.Add(name="fpn_p2add")([
+        layers.UpSampling2D(2, name="fpn_p3upsampled")(p3),
+        layers.Conv2D(pyramid_size, 1, name="fpn_c2p2")(c2)])
+    p2 = layers.Conv2D(pyramid_size, 3, padding="same", name="fpn_p2")(p2)
+    p3 = layers.Conv2D(pyramid_size, 3, padding="same", name="fpn_p3")(p3)
+    p4 = layers.Conv2D(pyramid_size, 3, padding="same", name="fpn_p4")(p4)
+    p5 = layers.Conv2D(pyramid_size, 3, padding="same", name="fpn_p5")(p5)
+    p6 = layers.MaxPooling2D(1, strides=2, name="fpn_p6")(p5)
+    return [p2, p3, p4, p5, p6]
+
+
+def build_backbone(input_image, config):
+    """ResNet + FPN for ``config.BACKBONE``; returns the pyramid [P2..P6]."""
+    if callable(config.BACKBONE):
+        _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=config.TRAIN_BN)
+    else:
+        _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, train_bn=config.TRAIN_BN)
+    return fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
+
+
+def compute_backbone_shapes(config, image_shape):
+    """[num_levels, (height, width)] of the pyramid levels for ``image_shape``."""
+    import math
+    return [[int(math.ceil(image_shape[0] / s)), int(math.ceil(image_shape[1] / s))]
+            for s in config.BACKBONE_STRIDES]
+
+
+

@@ -1,0 +1,164 @@
+"""Weight files: our checkpoints, matterport/Keras-2 ``.h5``, Keras 3 ``.weights.h5``.
+
+Our checkpoint format (``mask_rcnn_<name>_<epoch:04d>.weights.h5``) stores every
+layer's weights by layer name, so a checkpoint loads by name into a training or
+an inference model (or a model with different heads, with ``exclude``), plus the
+optimizer's slots by variable path, so that resumed training continues with the
+same momentum. Files are written to a temporary name and renamed: a crash never
+leaves a half-written checkpoint behind.
+"""
+
+import json
+import logging
+import os
+import re
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mrcnn-edge-checkpoint-v1"
+
+
+def layers_with_weights(keras_model):
+    """{layer name: layer} for layers that own weights (flattening nested models)."""
+    out = {}
+
+    def visit(layer):
+        sub = getattr(layer, "layers", None)
+        if sub:
+            for s in sub:
+                visit(s)
+        elif layer.weights:
+            out[layer.name] = layer
+    for layer in keras_model.layers:
+        visit(layer)
+    return out
+
+
+def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra=None):
+    """Atomically write weights (+ optimizer slots) of ``keras_model`` to ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["epoch"] = int(epoch)
+            if config is not None:
+                f.attrs["config"] = json.dumps(config.to_dict(), default=str)
+            if extra:
+                f.attrs["extra"] = json.dumps(extra, default=str)
+            g = f.create_group("weights")
+            for name, layer in layers_with_weights(keras_model).items():
+                lg = g.create_group(name)
+                for i, w in enumerate(layer.weights):
+                    lg.create_dataset(str(i), data=np.asarray(w.numpy()))
+            if optimizer is not None and optimizer.variables:
+                og = f.create_group("optimizer")
+                for v in optimizer.variables:
+                    og.create_dataset(v.path.replace("/", "|"), data=np.asarray(v.numpy()))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_epoch(path):
+    """Epoch stored in one of our checkpoints, or None."""
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["epoch"]) if f.attrs.get("format") == FORMAT else None
+
+
+def _read_ours(f):
+    return {name: [f["weights"][name][str(i)][()] for i in range(len(f["weights"][name]))]
+            for name in f["weights"]}
+
+
+def _read_keras2(f):
+    """matterport / Keras 2 ``save_weights`` layout: {layer name: [arrays]}.
+
+    Nested models (matterport's ``rpn_model``) store their layers' weights in
+    one group with names like ``rpn_conv_shared/kernel:0``; these are split by
+    the first path component.
+    """
+    g = f["model_weights"] if "model_weights" in f else f
+    out = {}
+    for group_name in [n.decode() if isinstance(n, bytes) else n for n in g.attrs["layer_names"]]:
+        lg = g[group_name]
+        names = [n.decode() if isinstance(n, bytes) else n for n in lg.attrs.get("weight_names", [])]
+        for wname in names:
+            parts = wname.split("/")
+            owner = parts[0] if len(parts) > 1 and parts[0] != group_name else group_name
+            out.setdefault(owner, []).append(lg[wname][()])
+    return out
+
+
+def read_weights(path):
+    """Read a weight file into {layer name: [arrays]} (our format or Keras 2)."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") == FORMAT:
+            return _read_ours(f)
+        if "layer_names" in f.attrs or ("model_weights" in f and "layer_names" in f["model_weights"].attrs):
+            return _read_keras2(f)
+    return None
+
+
+def load_into(keras_model, path, by_name=False, exclude=None):
+    """Assign the weights in ``path`` to ``keras_model``'s layers by layer name.
+
+    by_name=False: every layer of the model must be in the file.
+    by_name=True: layers missing from the file keep their values (logged).
+    exclude: layer names (or regexes) to skip, e.g. the class-specific heads
+    when the number of classes differs.
+    Returns the names of the layers that were loaded.
+    """
+    stored = read_weights(path)
+    if stored is None:
+        if by_name or exclude:
+            raise ValueError(f"{path}: a Keras 3 .weights.h5 file cannot be loaded by name; "
+                             "use a checkpoint written by MaskRCNN.train or a Keras 2 .h5 file")
+        keras_model.load_weights(path)
+        return [layer.name for layer in keras_model.layers if layer.weights]
+    exclude = list(exclude or [])
+    excluded = (lambda n: any(n == e or re.fullmatch(e, n) for e in exclude))
+    loaded, missing = [], []
+    for name, layer in layers_with_weights(keras_model).items():
+        if excluded(name):
+            continue
+        if name not in stored:
+            missing.append(name)
+            continue
+        arrays = stored[name]
+        if len(arrays) != len(layer.weights):
+            raise ValueError(f"{path}: layer {name!r} has {len(arrays)} weight arrays in the file, "
+                             f"{len(layer.weights)} in the model")
+        for w, a in zip(layer.weights, arrays):
+            if tuple(w.shape) != a.shape:
+                raise ValueError(
+                    f"{path}: layer {name!r} weight {w.path} has shape {a.shape} in the file but "
+                    f"{tuple(w.shape)} in the model; pass exclude=[{name!r}, ...] to skip "
+                    "layers whose shape depends on NUM_CLASSES")
+        for w, a in zip(layer.weights, arrays):
+            w.assign(a)
+        loaded.append(name)
+    if missing and not by_name:
+        raise ValueError(f"{path}: {len(missing)} layers of the model are not in the file "
+                         f"(e.g. {missing[:5]}); use by_name=True to load a partial file")
+    if missing:
+        log.info("%s: %d layers not in the file keep their initial weights", path, len(missing))
+    return loaded
+
+
+def load_optimizer_slots(path, optimizer):
+    """Restore optimizer variables whose paths match those stored in ``path``."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT or "optimizer" not in f:
+            return 0
+        g = f["optimizer"]
+        restored = 0
+        for v in optimizer.variables:
+            key = v.path.replace("/", "|")
+            if key in g and tuple(g[key].shape) == tuple(v.shape):
+                v.assign(g[key][()])
+                restored += 1
+        return restored

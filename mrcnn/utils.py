@@ -1,0 +1,1014 @@
+"""NumPy helpers for Mask R-CNN: boxes, masks, resizing, anchors, the
+``Dataset`` base class and the AP/matching metrics.
+
+The public names and signatures follow matterport's ``mrcnn/utils.py`` so that
+existing user code (custom ``Dataset`` subclasses, notebooks calling
+``compute_ap`` ...) keeps working.  This module is pure NumPy / SciPy /
+scikit-image: it never imports TensorFlow.
+
+Conventions
+-----------
+* Boxes are ``(y1, x1, y2, x2)``.  Pixel boxes are "exclusive" at the bottom
+  right: an object covering rows 10..19 has ``y1 = 10, y2 = 20``.
+* Instance masks are ``[height, width, num_instances]`` bool arrays.
+* Normalized boxes (``norm_boxes``) use matterport's convention: pixel box
+  ``(y1, x1, y2, x2)`` -> ``(y1, x1, y2 - 1, x2 - 1) / (h - 1, w - 1, h - 1, w - 1)``.
+
+Fixes relative to matterport
+----------------------------
+* IoU of boxes/masks with an empty union is 0 instead of NaN.
+* ``compute_ap``: precision/recall count matches with ``> -1`` (index 0 is a
+  valid match), are float64, and empty inputs have a defined AP
+  (no GT and no predictions -> 1.0; otherwise an empty side -> 0.0).
+* ``compute_matches``: zero-padding rows are removed consistently from boxes,
+  class ids, scores and masks; ``score_threshold`` really filters prediction
+  *scores* (matterport compared it with IoUs).
+* ``resize_image`` rounds (not truncates) when casting back to an integer
+  dtype and accepts an ``rng`` for a deterministic crop.
+* ``resize_mask`` resizes with the same sampling grid as ``resize_image``
+  (scikit-image, nearest neighbour) so mask and image stay aligned.
+* ``minimize_mask``/``expand_mask``/``unmold_mask`` handle zero-area and
+  out-of-image boxes (see their docstrings) and never interpolate bool arrays
+  (which scikit-image >= 0.19 refuses).
+"""
+
+import logging
+import os
+
+import numpy as np
+import skimage.color
+import skimage.io
+import skimage.transform
+
+logger = logging.getLogger(__name__)
+
+
+############################################################
+#  Bounding Boxes
+############################################################
+
+def extract_bboxes(mask):
+    """Compute bounding boxes from instance masks.
+
+    mask: [height, width, num_instances] bool (or 0/1) masks.
+
+    Returns: [num_instances, (y1, x1, y2, x2)] int32 pixel boxes, with y2/x2
+    exclusive (one past the last mask pixel). An empty instance gives
+    (0, 0, 0, 0).
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"extract_bboxes: mask must be [height, width, num_instances], got shape {mask.shape}")
+    boxes = np.zeros([mask.shape[-1], 4], dtype=np.int32)
+    for i in range(mask.shape[-1]):
+        m = mask[:, :, i]
+        cols = np.where(np.any(m, axis=0))[0]
+        rows = np.where(np.any(m, axis=1))[0]
+        if cols.shape[0]:
+            boxes[i] = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
+    return boxes
+
+
+def compute_iou(box, boxes, box_area, boxes_area):
+    """IoU of one box with an array of boxes.
+
+    box: (y1, x1, y2, x2)
+    boxes: [boxes_count, (y1, x1, y2, x2)]
+    box_area: float, the area of ``box``
+    boxes_area: [boxes_count] areas of ``boxes``
+
+    Returns: [boxes_count] float IoUs. Pairs with an empty union get 0.
+    """
+    boxes = np.asarray(boxes)
+    y1 = np.maximum(box[0], boxes[:, 0])
+    y2 = np.minimum(box[2], boxes[:, 2])
+    x1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[3], boxes[:, 3])
+    intersection = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    union = box_area + np.asarray(boxes_area) - intersection
+    return _safe_divide(intersection, union)
+
+
+def _safe_divide(num, den):
+    """num / den as float64, 0 where den == 0."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def compute_overlaps(boxes1, boxes2):
+    """IoU overlaps between two sets of boxes.
+
+    boxes1: [N1, (y1, x1, y2, x2)], boxes2: [N2, (y1, x1, y2, x2)] (any
+    consistent coordinate system).
+
+    Returns: [N1, N2] float64 IoU matrix.
+    """
+    boxes1 = np.asarray(boxes1, dtype=np.float64).reshape(-1, 4)
+    boxes2 = np.asarray(boxes2, dtype=np.float64).reshape(-1, 4)
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    y1 = np.maximum(boxes1[:, None, 0], boxes2[None, :, 0])
+    x1 = np.maximum(boxes1[:, None, 1], boxes2[None, :, 1])
+    y2 = np.minimum(boxes1[:, None, 2], boxes2[None, :, 2])
+    x2 = np.minimum(boxes1[:, None, 3], boxes2[None, :, 3])
+    intersection = np.maximum(y2 - y1, 0) * np.maximum(x2 - x1, 0)
+    union = area1[:, None] + area2[None, :] - intersection
+    return _safe_divide(intersection, union)
+
+
+def compute_overlaps_masks(masks1, masks2):
+    """IoU overlaps between two sets of masks.
+
+    masks1: [height, width, N1], masks2: [height, width, N2]; bool, or
+    float/int where values > 0.5 count as foreground.
+
+    Returns: [N1, N2] float64 IoU matrix (zeros of that shape when either set
+    is empty; 0 for two empty masks).
+    """
+    masks1 = np.asarray(masks1)
+    masks2 = np.asarray(masks2)
+    n1, n2 = masks1.shape[-1], masks2.shape[-1]
+    if n1 == 0 or n2 == 0:
+        return np.zeros((n1, n2), dtype=np.float64)
+    if masks1.shape[:2] != masks2.shape[:2]:
+        raise ValueError(f"compute_overlaps_masks: mask sizes differ: {masks1.shape} vs {masks2.shape}")
+    m1 = np.reshape(masks1 > .5, (-1, n1)).astype(np.float64)
+    m2 = np.reshape(masks2 > .5, (-1, n2)).astype(np.float64)
+    area1 = np.sum(m1, axis=0)
+    area2 = np.sum(m2, axis=0)
+    intersections = m1.T @ m2
+    union = area1[:, None] + area2[None, :] - intersections
+    return _safe_divide(intersections, union)
+
+
+def non_max_suppression(boxes, scores, threshold):
+    """Greedy non-maximum suppression.
+
+    boxes: [N, (y1, x1, y2, x2)]. Note that (y2, x2) lays outside the box.
+    scores: [N] box scores.
+    threshold: float, a box is suppressed when its IoU with a kept,
+        higher-scoring box is > threshold.
+
+    Returns: [K] int32 indices of the kept boxes, by descending score.
+    """
+    boxes = np.asarray(boxes)
+    scores = np.asarray(scores)
+    if boxes.shape[0] == 0:
+        return np.zeros([0], dtype=np.int32)
+    if boxes.dtype.kind != "f":
+        boxes = boxes.astype(np.float64)
+    y1, x1, y2, x2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = (y2 - y1) * (x2 - x1)
+    # Stable sort so that ties keep their input order.
+    ixs = np.argsort(-scores, kind="stable")
+    pick = []
+    while len(ixs) > 0:
+        i = ixs[0]
+        pick.append(i)
+        iou = compute_iou(boxes[i], boxes[ixs[1:]], area[i], area[ixs[1:]])
+        ixs = ixs[1:][iou <= threshold]
+    return np.array(pick, dtype=np.int32)
+
+
+def apply_box_deltas(boxes, deltas):
+    """Apply refinement deltas to pixel boxes.
+
+    boxes: [N, (y1, x1, y2, x2)] pixel boxes (y2, x2 exclusive).
+    deltas: [N, (dy, dx, log(dh), log(dw))].
+
+    Returns: [N, (y1, x1, y2, x2)] float32 refined boxes.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32)
+    deltas = np.asarray(deltas, dtype=np.float32)
+    height = boxes[:, 2] - boxes[:, 0]
+    width = boxes[:, 3] - boxes[:, 1]
+    center_y = boxes[:, 0] + 0.5 * height
+    center_x = boxes[:, 1] + 0.5 * width
+    center_y = center_y + deltas[:, 0] * height
+    center_x = center_x + deltas[:, 1] * width
+    height = height * np.exp(deltas[:, 2])
+    width = width * np.exp(deltas[:, 3])
+    y1 = center_y - 0.5 * height
+    x1 = center_x - 0.5 * width
+    return np.stack([y1, x1, y1 + height, x1 + width], axis=1).astype(np.float32)
+
+
+def box_refinement(box, gt_box):
+    """Deltas that turn ``box`` into ``gt_box``.
+
+    box, gt_box: [N, (y1, x1, y2, x2)] pixel boxes with positive size.
+
+    Returns: [N, (dy, dx, log(dh), log(dw))] float32, such that
+    ``apply_box_deltas(box, box_refinement(box, gt_box)) == gt_box``.
+    """
+    box = np.asarray(box, dtype=np.float32)
+    gt_box = np.asarray(gt_box, dtype=np.float32)
+    height = box[:, 2] - box[:, 0]
+    width = box[:, 3] - box[:, 1]
+    center_y = box[:, 0] + 0.5 * height
+    center_x = box[:, 1] + 0.5 * width
+    gt_height = gt_box[:, 2] - gt_box[:, 0]
+    gt_width = gt_box[:, 3] - gt_box[:, 1]
+    gt_center_y = gt_box[:, 0] + 0.5 * gt_height
+    gt_center_x = gt_box[:, 1] + 0.5 * gt_width
+    dy = (gt_center_y - center_y) / height
+    dx = (gt_center_x - center_x) / width
+    dh = np.log(gt_height / height)
+    dw = np.log(gt_width / width)
+    return np.stack([dy, dx, dh, dw], axis=1).astype(np.float32)
+
+
+############################################################
+#  Dataset
+############################################################
+
+class Dataset(object):
+    """The base class for dataset classes.
+
+    To use it, create a new class that adds functions specific to the dataset
+    you want to use. For example::
+
+        class CatsAndDogsDataset(Dataset):
+            def load_cats_and_dogs(self):
+                ...
+            def load_mask(self, image_id):
+                ...
+            def image_reference(self, image_id):
+                ...
+
+    See COCODataset and ShapesDataset as examples.
+    """
+
+    def __init__(self, class_map=None):
+        self._image_ids = []
+        self.image_info = []
+        # Background is always the first class
+        self.class_info = [{"source": "", "id": 0, "name": "BG"}]
+        self.source_class_ids = {}
+
+    def add_class(self, source, class_id, class_name):
+        """Register a class ``class_id`` of ``source`` (no-op if already there)."""
+        if "." in source:
+            raise ValueError(f"add_class: source name {source!r} cannot contain a dot")
+        for info in self.class_info:
+            if info["source"] == source and info["id"] == class_id:
+                # source.class_id combination already available, skip
+                return
+        self.class_info.append({"source": source, "id": class_id, "name": class_name})
+
+    def add_image(self, source, image_id, path, **kwargs):
+        """Register an image; extra keyword arguments are stored in its info dict."""
+        image_info = {"id": image_id, "source": source, "path": path}
+        image_info.update(kwargs)
+        self.image_info.append(image_info)
+
+    def image_reference(self, image_id):
+        """Return a link to the image in its source Website or details about
+        the image that help looking it up or debugging it.
+
+        Override for your dataset, but pass to this function
+        if you encounter images not in your dataset.
+        """
+        return ""
+
+    def prepare(self, class_map=None):
+        """Prepares the Dataset class for use.
+
+        Builds ``num_classes, class_ids, class_names, num_images, _image_ids,
+        class_from_source_map, image_from_source_map, sources,
+        source_class_ids``. ``class_map`` is accepted for compatibility and
+        unused (as in matterport).
+        """
+        def clean_name(name):
+            """Returns a shorter version of object names for cleaner display."""
+            return ",".join(name.split(",")[:1])
+
+        self.num_classes = len(self.class_info)
+        self.class_ids = np.arange(self.num_classes)
+        self.class_names = [clean_name(c["name"]) for c in self.class_info]
+        self.num_images = len(self.image_info)
+        self._image_ids = np.arange(self.num_images)
+
+        # Mapping from source class and image IDs to internal IDs
+        self.class_from_source_map = {"{}.{}".format(info["source"], info["id"]): int(id)
+                                      for info, id in zip(self.class_info, self.class_ids)}
+        self.image_from_source_map = {"{}.{}".format(info["source"], info["id"]): int(id)
+                                      for info, id in zip(self.image_info, self.image_ids)}
+
+        # Map sources to class_ids they support (sorted, so the order is
+        # deterministic; matterport used an unordered set).
+        self.sources = sorted(set(i["source"] for i in self.class_info))
+        self.source_class_ids = {}
+        for source in self.sources:
+            self.source_class_ids[source] = []
+            for i, info in enumerate(self.class_info):
+                # Include BG class in all datasets
+                if i == 0 or source == info["source"]:
+                    self.source_class_ids[source].append(i)
+
+    def map_source_class_id(self, source_class_id):
+        """Takes a source class ID and returns the int class ID assigned to it.
+
+        For example: ``dataset.map_source_class_id("coco.12") -> 23``
+        """
+        try:
+            return self.class_from_source_map[source_class_id]
+        except AttributeError:
+            raise RuntimeError("map_source_class_id: call prepare() first") from None
+        except KeyError:
+            raise KeyError(f"map_source_class_id: unknown source class {source_class_id!r}; "
+                           f"known: {sorted(self.class_from_source_map)}") from None
+
+    def get_source_class_id(self, class_id, source):
+        """Map an internal class ID to the corresponding class ID in the source dataset."""
+        if not 0 <= class_id < len(self.class_info):
+            raise ValueError(f"get_source_class_id: class id {class_id} out of range "
+                             f"[0, {len(self.class_info)})")
+        info = self.class_info[class_id]
+        if info["source"] != source:
+            raise ValueError(f"get_source_class_id: class id {class_id} ({info['name']!r}) belongs to "
+                             f"source {info['source']!r}, not {source!r}")
+        return info["id"]
+
+    @property
+    def image_ids(self):
+        return self._image_ids
+
+    def source_image_link(self, image_id):
+        """Returns the path or URL to the image.
+        Override this to return a URL to the image if it's available online for easy
+        debugging.
+        """
+        return self.image_info[image_id]["path"]
+
+    def _describe(self, image_id):
+        """Human-readable identification of an image for error messages."""
+        try:
+            ref = self.image_reference(image_id)
+        except Exception:  # a broken override must not hide the real error
+            ref = ""
+        if not ref:
+            try:
+                ref = self.image_info[image_id].get("path", "")
+            except (IndexError, TypeError, AttributeError):
+                ref = ""
+        return f"image {image_id}" + (f" ({ref})" if ref else "")
+
+    def load_image(self, image_id):
+        """Load the specified image and return a [H, W, 3] Numpy array.
+
+        Grayscale images are converted to RGB, the alpha channel of RGBA
+        images is dropped. Raises FileNotFoundError (missing file) or OSError
+        (unreadable file) naming the image id and path.
+        """
+        path = self.image_info[image_id]["path"]
+        if isinstance(path, (str, os.PathLike)) and "://" not in str(path) and not os.path.exists(path):
+            raise FileNotFoundError(f"Dataset image {image_id}: file not found: {path}")
+        try:
+            image = skimage.io.imread(path)
+        except Exception as e:
+            raise OSError(f"Dataset image {image_id}: cannot read image file {path}: {e}") from e
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[-1] in (1, 2):
+            # gray (+ alpha)
+            image = image[..., 0]
+        if image.ndim == 2:
+            image = skimage.color.gray2rgb(image)
+        if image.ndim != 3:
+            raise OSError(f"Dataset image {image_id}: unexpected image shape {image.shape} in {path}")
+        if image.shape[-1] == 4:
+            image = image[..., :3]
+        return image
+
+    def load_mask(self, image_id):
+        """Load instance masks for the given image.
+
+        Different datasets use different ways to store masks. Override this
+        method to load instance masks and return them in the form of an
+        array of binary masks of shape [height, width, instances].
+
+        Returns:
+            masks: A bool array of shape [height, width, instance count] with
+                a binary mask per instance.
+            class_ids: a 1D int32 array of class IDs of the instance masks.
+        """
+        # Override this function to load a mask from your dataset.
+        # Otherwise, it returns an empty mask.
+        logger.warning("You are using the default load_mask(), maybe you need to define your own one.")
+        mask = np.empty([0, 0, 0], dtype=bool)
+        class_ids = np.empty([0], np.int32)
+        return mask, class_ids
+
+    def validate_instance(self, image_id, image, masks, class_ids):
+        """Check what ``load_image``/``load_mask`` returned for one image.
+
+        image: [height, width, channels]
+        masks: [height, width, num_instances] bool (integer 0/1 also accepted)
+        class_ids: [num_instances] integer ids in [1, num_classes)
+
+        Raises ValueError naming the image id and reference on the first
+        problem found; returns None when everything is consistent.
+        """
+        what = self._describe(image_id)
+        image = np.asarray(image)
+        masks = np.asarray(masks)
+        class_ids = np.asarray(class_ids)
+        if image.ndim != 3:
+            raise ValueError(f"{what}: image must be [height, width, channels], got shape {image.shape}")
+        if masks.ndim != 3:
+            raise ValueError(f"{what}: masks must be [height, width, num_instances], got shape {masks.shape}")
+        if masks.dtype != bool:
+            if masks.dtype.kind not in "iu":
+                raise ValueError(f"{what}: masks must be bool, got dtype {masks.dtype}")
+            if masks.size and not np.isin(masks, (0, 1)).all():
+                raise ValueError(f"{what}: integer masks must contain only 0 and 1")
+        if masks.shape[:2] != image.shape[:2]:
+            raise ValueError(f"{what}: masks shape {masks.shape[:2]} does not match image shape {image.shape[:2]}")
+        if class_ids.ndim != 1:
+            raise ValueError(f"{what}: class_ids must be 1-D, got shape {class_ids.shape}")
+        if class_ids.size and class_ids.dtype.kind not in "iu":
+            raise ValueError(f"{what}: class_ids must be integers, got dtype {class_ids.dtype}")
+        if class_ids.shape[0] != masks.shape[-1]:
+            raise ValueError(f"{what}: {class_ids.shape[0]} class_ids but {masks.shape[-1]} masks")
+        num_classes = getattr(self, "num_classes", len(self.class_info))
+        bad = class_ids[(class_ids < 1) | (class_ids >= num_classes)]
+        if bad.size:
+            raise ValueError(f"{what}: class ids {bad.tolist()} out of range [1, {num_classes - 1}]")
+
+
+############################################################
+#  Resizing
+############################################################
+
+def resize(image, output_shape, order=1, mode="constant", cval=0, clip=True,
+           preserve_range=False, anti_aliasing=False, anti_aliasing_sigma=None):
+    """A wrapper around ``skimage.transform.resize`` with matterport's defaults
+    (no anti-aliasing). Bool inputs are resized as float (scikit-image refuses
+    to interpolate bool arrays with order > 0)."""
+    image = np.asarray(image)
+    if image.dtype == bool and order > 0:
+        image = image.astype(np.float32)
+    return skimage.transform.resize(
+        image, output_shape, order=order, mode=mode, cval=cval, clip=clip,
+        preserve_range=preserve_range, anti_aliasing=anti_aliasing,
+        anti_aliasing_sigma=anti_aliasing_sigma)
+
+
+def _cast_like(image, dtype):
+    """Cast back to ``dtype``, rounding and clipping for integer dtypes."""
+    if image.dtype == dtype:
+        return image
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.round(image), info.min, info.max).astype(dtype)
+    if dtype == bool:
+        return image >= 0.5
+    return image.astype(dtype)
+
+
+def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square", rng=None):
+    """Resizes an image keeping the aspect ratio unchanged.
+
+    image: [height, width, channels] (or [height, width]).
+    min_dim: if provided, resizes the image such that its smaller dimension == min_dim
+    max_dim: if provided, ensures that the image longest side doesn't
+        exceed this value.
+    min_scale: if provided, ensure that the image is scaled up by at least
+        this percent even if min_dim doesn't require it.
+    mode: Resizing mode.
+        none: No resizing. Return the image unchanged.
+        square: Resize and pad with zeros to get a square image
+            of size [max_dim, max_dim].
+        pad64: Pads width and height with zeros to make them multiples of 64.
+               If min_dim or min_scale are provided, it scales the image up
+               before padding. max_dim is ignored in this mode.
+               The multiple of 64 is needed to ensure smooth scaling of feature
+               maps up and down the 6 levels of the FPN pyramid (2**6=64).
+        crop: Picks random crops from the image. First, scales the image based
+              on min_dim and min_scale, then picks a random crop of
+              size min_dim x min_dim. Can be used in training only.
+              max_dim is not used in this mode.
+    rng: optional ``numpy.random.Generator`` for the crop position
+        (default: a fresh unseeded generator).
+
+    Returns:
+    image: the resized image, same dtype as the input (integer dtypes are
+        rounded, not truncated).
+    window: (y1, x1, y2, x2). If max_dim is provided, padding might
+        be inserted in the returned image. If so, this window is the
+        coordinates of the image part of the full image (excluding
+        the padding). The x2, y2 pixels are not included.
+    scale: The scale factor used to resize the image
+    padding: Padding added to the image [(top, bottom), (left, right), (0, 0)]
+    crop: (y, x, h, w) of the crop in the scaled image, or None.
+    """
+    image = np.asarray(image)
+    image_dtype = image.dtype
+    h, w = image.shape[:2]
+    window = (0, 0, h, w)
+    scale = 1
+    padding = [(0, 0), (0, 0), (0, 0)]
+    crop = None
+
+    if mode == "none":
+        return image, window, scale, padding, crop
+    if mode not in ("square", "pad64", "crop"):
+        raise ValueError(f"resize_image: mode {mode!r} not supported; use 'none', 'square', 'pad64' or 'crop'")
+    if mode == "square" and not max_dim:
+        raise ValueError("resize_image: mode 'square' needs max_dim")
+    if mode in ("pad64", "crop") and not min_dim:
+        raise ValueError(f"resize_image: mode {mode!r} needs min_dim")
+
+    # Scale up but not down
+    if min_dim:
+        scale = max(1, min_dim / min(h, w))
+    if min_scale and scale < min_scale:
+        scale = min_scale
+
+    # Does it exceed max dim?
+    if max_dim and mode == "square":
+        image_max = max(h, w)
+        if round(image_max * scale) > max_dim:
+            scale = max_dim / image_max
+
+    if scale != 1:
+        image = resize(image, (round(h * scale), round(w * scale)), preserve_range=True)
+
+    if mode == "square":
+        h, w = image.shape[:2]
+        top_pad = (max_dim - h) // 2
+        bottom_pad = max_dim - h - top_pad
+        left_pad = (max_dim - w) // 2
+        right_pad = max_dim - w - left_pad
+        padding = [(top_pad, bottom_pad), (left_pad, right_pad), (0, 0)]
+        image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
+        window = (top_pad, left_pad, h + top_pad, w + left_pad)
+    elif mode == "pad64":
+        h, w = image.shape[:2]
+        if min_dim % 64 != 0:
+            raise ValueError(f"resize_image: min_dim ({min_dim}) must be a multiple of 64 in mode 'pad64'")
+        max_h = -(-h // 64) * 64
+        max_w = -(-w // 64) * 64
+        top_pad = (max_h - h) // 2
+        bottom_pad = max_h - h - top_pad
+        left_pad = (max_w - w) // 2
+        right_pad = max_w - w - left_pad
+        padding = [(top_pad, bottom_pad), (left_pad, right_pad), (0, 0)]
+        image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
+        window = (top_pad, left_pad, h + top_pad, w + left_pad)
+    else:  # crop
+        h, w = image.shape[:2]
+        if h < min_dim or w < min_dim:  # only possible when min_scale < 1 forced a downscale
+            raise ValueError(f"resize_image: scaled image {h}x{w} is smaller than the crop size {min_dim}")
+        if rng is None:
+            rng = np.random.default_rng()
+        y = int(rng.integers(0, h - min_dim + 1))
+        x = int(rng.integers(0, w - min_dim + 1))
+        crop = (y, x, min_dim, min_dim)
+        image = image[y:y + min_dim, x:x + min_dim]
+        window = (0, 0, min_dim, min_dim)
+    return _cast_like(image, image_dtype), window, scale, padding, crop
+
+
+def resize_mask(mask, scale, padding, crop=None):
+    """Resizes a mask using the given scale and padding.
+
+    Typically, you get the scale and padding from resize_image() to
+    ensure both, the image and the mask, are resized consistently.
+
+    mask: [height, width, num_instances] bool masks.
+    scale: mask scaling factor
+    padding: Padding to add to the mask in the form
+            [(top, bottom), (left, right), (0, 0)]
+    crop: (y, x, h, w) from resize_image, or None.
+
+    Returns: the resized masks, same dtype as the input. The output size is
+    ``round(h * scale), round(w * scale)`` (then cropped or padded), exactly
+    as in resize_image; nearest-neighbour sampling.
+    """
+    mask = np.asarray(mask)
+    h, w = mask.shape[:2]
+    if scale != 1:
+        new_shape = (round(h * scale), round(w * scale)) + mask.shape[2:]
+        if mask.size == 0:
+            mask = np.zeros(new_shape, dtype=mask.dtype)
+        else:
+            mask = _cast_like(resize(mask, new_shape, order=0, preserve_range=True), mask.dtype)
+    if crop is not None:
+        y, x, ch, cw = crop
+        mask = mask[y:y + ch, x:x + cw]
+    else:
+        mask = np.pad(mask, list(padding)[:mask.ndim], mode="constant", constant_values=0)
+    return mask
+
+
+############################################################
+#  Masks
+############################################################
+
+def minimize_mask(bbox, mask, mini_shape):
+    """Resize masks to a smaller version to reduce memory load.
+
+    bbox: [num_instances, (y1, x1, y2, x2)] pixel boxes of the instances.
+    mask: [height, width, num_instances] bool masks.
+    mini_shape: (height, width) of the mini masks.
+
+    Returns: [mini_height, mini_width, num_instances] bool mini masks.
+    An instance whose box has zero area (after clipping to the image) gets an
+    all-False mini mask (it has no pixels to shrink) instead of an error.
+    """
+    mask = np.asarray(mask)
+    mini_shape = tuple(int(s) for s in mini_shape)
+    mini_mask = np.zeros(mini_shape + (mask.shape[-1],), dtype=bool)
+    for i in range(mask.shape[-1]):
+        y1, x1, y2, x2 = _clip_box(bbox[i][:4], mask.shape[:2])
+        m = mask[y1:y2, x1:x2, i]
+        if m.size == 0:
+            logger.debug("minimize_mask: instance %d has a zero-area box %s; using an empty mini mask",
+                         i, tuple(bbox[i][:4]))
+            continue
+        m = resize(m.astype(np.float32), mini_shape)
+        mini_mask[:, :, i] = m >= 0.5
+    return mini_mask
+
+
+def _clip_box(box, shape):
+    """Integer (y1, x1, y2, x2) clipped to an image of ``shape[:2]``."""
+    h, w = shape[:2]
+    y1, x1, y2, x2 = (int(round(float(v))) for v in box)
+    y1, y2 = min(max(y1, 0), h), min(max(y2, 0), h)
+    x1, x2 = min(max(x1, 0), w), min(max(x2, 0), w)
+    return y1, x1, max(y2, y1), max(x2, x1)
+
+
+def _paste_mask(mask, bbox, image_shape, threshold):
+    """Resize float ``mask`` [h, w] to the box and paste it into a zero image.
+
+    The box may extend beyond the image; only the visible part is pasted.
+    """
+    full_mask = np.zeros(tuple(image_shape[:2]), dtype=bool)
+    y1, x1, y2, x2 = (int(round(float(v))) for v in bbox[:4])
+    bh, bw = y2 - y1, x2 - x1
+    if bh <= 0 or bw <= 0:
+        return full_mask
+    m = resize(np.asarray(mask, dtype=np.float32), (bh, bw)) >= threshold
+    cy1, cx1, cy2, cx2 = _clip_box((y1, x1, y2, x2), image_shape)
+    if cy2 > cy1 and cx2 > cx1:
+        full_mask[cy1:cy2, cx1:cx2] = m[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
+    return full_mask
+
+
+def expand_mask(bbox, mini_mask, image_shape):
+    """Resizes mini masks back to image size. Reverses the change
+    of minimize_mask().
+
+    bbox: [num_instances, (y1, x1, y2, x2)] pixel boxes.
+    mini_mask: [mini_height, mini_width, num_instances] bool.
+    image_shape: (height, width[, channels]).
+
+    Returns: [height, width, num_instances] bool. Zero-area boxes give empty
+    masks; parts of a box outside the image are dropped.
+    """
+    mini_mask = np.asarray(mini_mask)
+    mask = np.zeros(tuple(image_shape[:2]) + (mini_mask.shape[-1],), dtype=bool)
+    for i in range(mask.shape[-1]):
+        mask[:, :, i] = _paste_mask(mini_mask[:, :, i], bbox[i], image_shape, 0.5)
+    return mask
+
+
+def mold_mask(mask, config):
+    """Full-image instance masks -> mask-head sized targets.
+
+    (matterport declared this function but left it empty.)
+
+    mask: [height, width, num_instances] bool full-image masks.
+    config: a Config; ``config.MASK_SHAPE`` gives the output size.
+
+    Returns: [MASK_SHAPE[0], MASK_SHAPE[1], num_instances] bool, each
+    instance cropped to its own bounding box (extract_bboxes) and resized,
+    i.e. ``minimize_mask(extract_bboxes(mask), mask, config.MASK_SHAPE)``.
+    """
+    return minimize_mask(extract_bboxes(mask), mask, tuple(config.MASK_SHAPE))
+
+
+def unmold_mask(mask, bbox, image_shape):
+    """Converts a mask generated by the neural network to a format similar
+    to its original shape.
+
+    mask: [height, width] of type float. A small, typically 28x28 mask.
+    bbox: [y1, x1, y2, x2]. The box to fit the mask in (pixels).
+    image_shape: (height, width[, channels]) of the full image.
+
+    Returns a bool mask [height, width] (threshold 0.5). The box may extend
+    beyond the image (only the visible part is pasted); a zero-area box gives
+    an empty mask.
+    """
+    return _paste_mask(mask, bbox, image_shape, 0.5)
+
+
+############################################################
+#  Anchors
+############################################################
+
+def generate_anchors(scales, ratios, shape, feature_stride, anchor_stride):
+    """Anchors of one feature map.
+
+    scales: 1D array of anchor sizes in pixels. Example: [32, 64, 128]
+    ratios: 1D array of anchor ratios of width/height. Example: [0.5, 1, 2]
+    shape: [height, width] spatial shape of the feature map over which
+            to generate anchors.
+    feature_stride: Stride of the feature map relative to the image in pixels.
+    anchor_stride: Stride of anchors on the feature map. For example, if the
+        value is 2 then generate anchors for every other feature map pixel.
+
+    Returns: [N, (y1, x1, y2, x2)] float64 pixel anchors, ordered by feature
+    cell (row-major), then by (scale, ratio) combination as matterport's
+    meshgrid produces (ratios outer, scales inner). Anchor centres are at
+    ``cell * feature_stride`` (matterport convention).
+    """
+    # Get all combinations of scales and ratios
+    scales, ratios = np.meshgrid(np.array(scales, dtype=np.float64), np.array(ratios, dtype=np.float64))
+    scales = scales.flatten()
+    ratios = ratios.flatten()
+
+    # Enumerate heights and widths from scales and ratios
+    heights = scales / np.sqrt(ratios)
+    widths = scales * np.sqrt(ratios)
+
+    # Enumerate shifts in feature space
+    shifts_y = np.arange(0, shape[0], anchor_stride) * feature_stride
+    shifts_x = np.arange(0, shape[1], anchor_stride) * feature_stride
+    shifts_x, shifts_y = np.meshgrid(shifts_x, shifts_y)
+
+    # Enumerate combinations of shifts, widths, and heights
+    box_widths, box_centers_x = np.meshgrid(widths, shifts_x)
+    box_heights, box_centers_y = np.meshgrid(heights, shifts_y)
+
+    # Reshape to get a list of (y, x) and a list of (h, w)
+    box_centers = np.stack([box_centers_y, box_centers_x], axis=2).reshape([-1, 2])
+    box_sizes = np.stack([box_heights, box_widths], axis=2).reshape([-1, 2])
+
+    # Convert to corner coordinates (y1, x1, y2, x2)
+    return np.concatenate([box_centers - 0.5 * box_sizes,
+                           box_centers + 0.5 * box_sizes], axis=1)
+
+
+def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, anchor_stride):
+    """Anchors of all pyramid levels.
+
+    scales: one anchor size per level (e.g. (32, 64, 128, 256, 512)).
+    ratios: width/height ratios used on every level (e.g. [0.5, 1, 2]).
+    feature_shapes: [levels, (height, width)] feature map sizes.
+    feature_strides: one stride (pixels) per level.
+    anchor_stride: stride of anchors on the feature maps.
+
+    Returns: [N, (y1, x1, y2, x2)] float64 pixel anchors, levels concatenated
+    in order (so anchors of the first scale come first).
+    """
+    if not (len(scales) == len(feature_shapes) == len(feature_strides)):
+        raise ValueError(f"generate_pyramid_anchors: {len(scales)} scales, {len(feature_shapes)} feature shapes "
+                         f"and {len(feature_strides)} strides must have the same length")
+    anchors = [generate_anchors(scales[i], ratios, feature_shapes[i], feature_strides[i], anchor_stride)
+               for i in range(len(scales))]
+    return np.concatenate(anchors, axis=0)
+
+
+############################################################
+#  Box normalization
+############################################################
+
+def norm_boxes(boxes, shape):
+    """Converts boxes from pixel coordinates to normalized coordinates.
+
+    boxes: [N, (y1, x1, y2, x2)] in pixel coordinates
+    shape: (height, width[, ...]) in pixels
+
+    Note: In pixel coordinates (y2, x2) is outside the box. But in normalized
+    coordinates it's inside the box.
+
+    Returns: [N, (y1, x1, y2, x2)] float32 normalized coordinates
+    """
+    h, w = shape[:2]
+    scale = np.array([h - 1, w - 1, h - 1, w - 1], dtype=np.float64)
+    shift = np.array([0, 0, 1, 1], dtype=np.float64)
+    return np.divide(np.asarray(boxes, dtype=np.float64) - shift, scale).astype(np.float32)
+
+
+def denorm_boxes(boxes, shape):
+    """Converts boxes from normalized coordinates to pixel coordinates.
+
+    boxes: [N, (y1, x1, y2, x2)] in normalized coordinates
+    shape: (height, width[, ...]) in pixels
+
+    Returns: [N, (y1, x1, y2, x2)] int32 pixel coordinates (rounded).
+    """
+    h, w = shape[:2]
+    scale = np.array([h - 1, w - 1, h - 1, w - 1], dtype=np.float64)
+    shift = np.array([0, 0, 1, 1], dtype=np.float64)
+    return np.around(np.asarray(boxes, dtype=np.float64) * scale + shift).astype(np.int32)
+
+
+############################################################
+#  Evaluation: matching and AP
+############################################################
+
+def trim_zeros(x):
+    """Remove all-zero rows (zero padding) of a 2D array.
+
+    x: [rows, columns].
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"trim_zeros: expected a 2D array, got shape {x.shape}")
+    return x[~np.all(x == 0, axis=1)]
+
+
+def _trim_instances(boxes, class_ids, masks, what):
+    """Drop all-zero (padding) boxes and the matching class ids / masks.
+
+    Returns (keep, boxes, class_ids, masks) with ``keep`` the bool row mask.
+    """
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    class_ids = np.asarray(class_ids).reshape(-1)
+    masks = np.asarray(masks)
+    n = boxes.shape[0]
+    if class_ids.shape[0] < n:
+        raise ValueError(f"compute_matches: {n} {what} boxes but only {class_ids.shape[0]} class ids")
+    if n and (masks.ndim != 3 or masks.shape[-1] < n):
+        raise ValueError(f"compute_matches: {n} {what} boxes but {what} masks have shape {masks.shape}; "
+                         "expected [height, width, num_instances]")
+    keep = ~np.all(boxes == 0, axis=1)
+    if masks.ndim == 3:
+        masks = masks[..., :n][..., keep]
+    return keep, boxes[keep], class_ids[:n][keep], masks
+
+
+def compute_matches(gt_boxes, gt_class_ids, gt_masks,
+                    pred_boxes, pred_class_ids, pred_scores, pred_masks,
+                    iou_threshold=0.5, score_threshold=0.0):
+    """Finds matches between prediction and ground truth instances.
+
+    gt_boxes: [N, (y1, x1, y2, x2)]; all-zero rows are padding and dropped
+        (together with their class id and mask).
+    gt_class_ids: [N] ints.
+    gt_masks: [height, width, N] masks.
+    pred_boxes, pred_class_ids, pred_scores, pred_masks: the same for the M
+        predictions (all-zero boxes dropped too).
+    iou_threshold: minimum mask IoU for a match.
+    score_threshold: predictions with a score below this are ignored
+        (dropped before matching).
+
+    Predictions are sorted by score (descending, stable) and each one, in
+    that order, takes the unmatched ground truth of the *same class* with the
+    highest mask IoU >= iou_threshold (matterport's greedy rule).
+
+    Returns:
+        gt_match: [N'] float64, for each kept GT the index of the matched
+            (sorted) prediction, or -1.
+        pred_match: [M'] float64, for each kept prediction, in descending score
+            order, the index of the matched GT box, or -1.
+        overlaps: [M', N'] mask IoUs.
+    """
+    # Trim zero padding, consistently for every per-instance array.
+    _, gt_boxes, gt_class_ids, gt_masks = _trim_instances(gt_boxes, gt_class_ids, gt_masks, "GT")
+    n_pred = np.asarray(pred_boxes).reshape(-1, 4).shape[0]
+    pred_scores = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
+    if pred_scores.shape[0] < n_pred:
+        raise ValueError(f"compute_matches: {n_pred} predicted boxes but only {pred_scores.shape[0]} scores")
+    keep, pred_boxes, pred_class_ids, pred_masks = _trim_instances(
+        pred_boxes, pred_class_ids, pred_masks, "predicted")
+    pred_scores = pred_scores[:n_pred][keep]
+    # Ignore low-scoring predictions.
+    keep = pred_scores >= score_threshold
+    pred_class_ids, pred_scores = pred_class_ids[keep], pred_scores[keep]
+    pred_masks = pred_masks[..., keep] if pred_masks.ndim == 3 else pred_masks
+
+    # Sort predictions by score from high to low
+    indices = np.argsort(-pred_scores, kind="stable")
+    pred_class_ids = pred_class_ids[indices]
+    pred_masks = pred_masks[..., indices] if pred_masks.ndim == 3 else pred_masks
+
+    n_pred, n_gt = len(indices), gt_boxes.shape[0]
+    if n_pred and n_gt:
+        overlaps = compute_overlaps_masks(pred_masks, gt_masks)
+    else:
+        overlaps = np.zeros((n_pred, n_gt), dtype=np.float64)
+
+    pred_match = -1 * np.ones([n_pred])
+    gt_match = -1 * np.ones([n_gt])
+    for i in range(n_pred):
+        # Candidate GTs by descending IoU (stable, so ties go to the lower index)
+        for j in np.argsort(-overlaps[i], kind="stable"):
+            if overlaps[i, j] < iou_threshold:
+                break
+            if gt_match[j] > -1:
+                continue
+            if pred_class_ids[i] == gt_class_ids[j]:
+                gt_match[j] = i
+                pred_match[i] = j
+                break
+    return gt_match, pred_match, overlaps
+
+
+def compute_ap(gt_boxes, gt_class_ids, gt_masks,
+               pred_boxes, pred_class_ids, pred_scores, pred_masks,
+               iou_threshold=0.5):
+    """Average precision at one mask-IoU threshold (PASCAL VOC style,
+    all-points interpolation).
+
+    Arguments as in compute_matches; masks are [height, width, N].
+
+    Empty cases: no GT and no predictions -> AP 1.0; no GT but some
+    predictions -> 0.0 (all false positives); GT but no predictions -> 0.0.
+
+    Returns:
+        mAP: float, the average precision.
+        precisions: [M + 2] float64 interpolated precisions, with the end
+            points matterport adds (0 ... 0).
+        recalls: [M + 2] float64 recalls, padded with 0 ... 1.
+        overlaps: [M, N] mask IoUs (predictions sorted by score).
+    """
+    gt_match, pred_match, overlaps = compute_matches(
+        gt_boxes, gt_class_ids, gt_masks,
+        pred_boxes, pred_class_ids, pred_scores, pred_masks,
+        iou_threshold)
+
+    if len(gt_match) == 0 and len(pred_match) == 0:
+        return 1.0, np.array([1.0, 1.0]), np.array([0.0, 1.0]), overlaps
+
+    # Compute precision and recall at each prediction box step
+    matched = np.cumsum(pred_match > -1).astype(np.float64)
+    precisions = matched / (np.arange(len(pred_match)) + 1)
+    if len(gt_match):
+        recalls = matched / len(gt_match)
+    else:
+        recalls = np.zeros_like(matched)
+
+    # Pad with start and end values to simplify the math
+    precisions = np.concatenate([[0.0], precisions, [0.0]])
+    recalls = np.concatenate([[0.0], recalls, [1.0]])
+
+    # Ensure precision values decrease but don't increase. This way, the
+    # precision value at each recall threshold is the maximum it can be
+    # for all following recall thresholds, as specified by the VOC paper.
+    precisions = np.maximum.accumulate(precisions[::-1])[::-1]
+
+    # Compute mean AP over recall range
+    indices = np.where(recalls[:-1] != recalls[1:])[0] + 1
+    mAP = float(np.sum((recalls[indices] - recalls[indices - 1]) * precisions[indices]))
+    return mAP, precisions, recalls, overlaps
+
+
+def compute_ap_range(gt_box, gt_class_id, gt_mask,
+                     pred_box, pred_class_id, pred_score, pred_mask,
+                     iou_thresholds=None, verbose=1):
+    """Mean of compute_ap over IoU thresholds (default 0.5, 0.55, ..., 0.95).
+
+    With ``verbose`` the per-threshold APs are logged at INFO level.
+    Returns: float, the mean AP.
+    """
+    if iou_thresholds is None:
+        iou_thresholds = np.linspace(0.5, 0.95, 10)
+    aps = []
+    for iou_threshold in iou_thresholds:
+        ap, _, _, _ = compute_ap(gt_box, gt_class_id, gt_mask,
+                                 pred_box, pred_class_id, pred_score, pred_mask,
+                                 iou_threshold=iou_threshold)
+        if verbose:
+            logger.info("AP @%.2f:\t %.3f", iou_threshold, ap)
+        aps.append(ap)
+    mean_ap = float(np.mean(aps))
+    if verbose:
+        logger.info("AP @%.2f-%.2f:\t %.3f", iou_thresholds[0], iou_thresholds[-1], mean_ap)
+    return mean_ap
+
+
+def compute_recall(pred_boxes, gt_boxes, iou):
+    """Recall of the given boxes against the ground truth boxes.
+
+    pred_boxes: [N, (y1, x1, y2, x2)]
+    gt_boxes: [M, (y1, x1, y2, x2)]
+    iou: IoU threshold.
+
+    Returns:
+        recall: fraction of GT boxes that are the best match (argmax IoU) of at
+            least one prediction with IoU >= iou. 1.0 when there is no GT.
+        positive_ids: int indices of predictions with max IoU >= iou.
+    """
+    pred_boxes = np.asarray(pred_boxes).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes).reshape(-1, 4)
+    if gt_boxes.shape[0] == 0:
+        return 1.0, np.zeros([0], dtype=np.int64)
+    if pred_boxes.shape[0] == 0:
+        return 0.0, np.zeros([0], dtype=np.int64)
+    overlaps = compute_overlaps(pred_boxes, gt_boxes)
+    iou_max = np.max(overlaps, axis=1)
+    iou_argmax = np.argmax(overlaps, axis=1)
+    positive_ids = np.where(iou_max >= iou)[0]
+    matched_gt_boxes = iou_argmax[positive_ids]
+    recall = len(set(matched_gt_boxes.tolist())) / gt_boxes.shape[0]
+    return recall, positive_ids

@@ -1,0 +1,42 @@
+"""Tiny configs and data shared by the tests (CPU-sized: 64x64 images)."""
+
+import numpy as np
+
+from mrcnn.config import Config
+
+
+class TinyConfig(Config):
+    NAME = "tiny"
+    BACKBONE = "resnet_small"
+    IMAGES_PER_GPU = 2
+    NUM_CLASSES = 1 + 3
+    IMAGE_MIN_DIM = 64
+    IMAGE_MAX_DIM = 64
+    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
+    RPN_TRAIN_ANCHORS_PER_IMAGE = 64
+    PRE_NMS_LIMIT = 256
+    POST_NMS_ROIS_TRAINING = 64
+    POST_NMS_ROIS_INFERENCE = 32
+    TRAIN_ROIS_PER_IMAGE = 16
+    MAX_GT_INSTANCES = 6
+    DETECTION_MAX_INSTANCES = 8
+    DETECTION_MIN_CONFIDENCE = 0.3
+    TOP_DOWN_PYRAMID_SIZE = 32
+    FPN_CLASSIF_FC_LAYERS_SIZE = 64
+    MASK_HEAD_CHANNELS = 32
+    POOL_SIZE = 7
+    MASK_POOL_SIZE = 7
+    MASK_SHAPE = [14, 14]
+    MINI_MASK_SHAPE = (28, 28)
+    STEPS_PER_EPOCH = 3
+    VALIDATION_STEPS = 1
+    LEARNING_RATE = 0.01
+
+
+def make_dataset(count=8, seed=0, size=64, split="train"):
+    """A prepared SyntheticShapesDataset of ``count`` images of ``size`` pixels."""
+    from mrcnn.synthetic import SyntheticShapesDataset
+    ds = SyntheticShapesDataset()
+    ds.load_shapes(count, size, size, seed=seed, split=split)
+    ds.prepare()
+    return ds
