@@ -1,0 +1,424 @@
+"""COCO-format datasets as a matterport ``utils.Dataset``.
+
+``CocoDataset`` reads a COCO folder laid out as the official release (or as
+written by ``mrcnn.synthetic.write_coco_dataset``)::
+
+    <dataset_dir>/annotations/instances_<subset><year>.json
+    <dataset_dir>/<subset><year>/<file_name>
+
+(``minival`` and ``valminusminival`` read their images from ``val<year>``, as in
+matterport). The annotation file is checked when it is loaded: structural
+problems (unknown ``image_id`` or ``category_id``, missing or malformed
+``segmentation`` / ``bbox``, polygons with fewer than 3 points, RLE sizes that
+differ from the image size, duplicate ids) raise a ``ValueError`` naming the
+file and the annotation id, so they surface before training starts rather than
+in the middle of an epoch.
+
+Differences from matterport's ``samples/coco/coco.py``:
+
+* Images without any annotation are kept as negatives (``load_mask`` returns
+  zero masks). With a class subset (``class_ids``), images whose annotations
+  all belong to other classes are left out (as in matterport).
+* ``limit`` keeps the first N images sorted by image id.
+* ``load_mask`` returns ``[H, W, 0]`` / ``[0]`` arrays for an image without
+  instances (matterport returned ``[0, 0, 0]``).
+* ``image_reference`` returns the image's ``coco_url`` when the annotation file
+  has one, else the local path.
+* No automatic download (``auto_download=True`` raises).
+
+This module does not import TensorFlow.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+
+import numpy as np
+from pycocotools import mask as maskUtils
+from pycocotools.coco import COCO
+
+from mrcnn import utils
+
+log = logging.getLogger(__name__)
+
+#: Subsets whose images live in ``val<year>`` (matterport's COCO 2014 splits).
+VAL_IMAGE_SUBSETS = ("minival", "valminusminival")
+
+
+def coco_paths(dataset_dir, subset, year="2017"):
+    """Annotation file and image folder of a COCO subset.
+
+    Args:
+        dataset_dir: the COCO root folder.
+        subset: ``"train"``, ``"val"``, ``"minival"``, ``"valminusminival"``
+            (or any name with a matching annotation file).
+        year: ``"2017"``, ``"2014"``, ... (appended to the subset name; may be
+            ``""``).
+
+    Returns:
+        ``(annotation_file, image_dir)``:
+        ``<dataset_dir>/annotations/instances_<subset><year>.json`` and
+        ``<dataset_dir>/<subset><year>`` (``val<year>`` for minival and
+        valminusminival).
+
+    Raises:
+        FileNotFoundError listing the expected paths that do not exist.
+    """
+    dataset_dir = os.fspath(dataset_dir)
+    year = "" if year is None else str(year)
+    annotation_file = os.path.join(dataset_dir, "annotations", f"instances_{subset}{year}.json")
+    image_subset = "val" if subset in VAL_IMAGE_SUBSETS else subset
+    image_dir = os.path.join(dataset_dir, f"{image_subset}{year}")
+    missing = []
+    if not os.path.isfile(annotation_file):
+        missing.append(f"annotation file {annotation_file}")
+    if not os.path.isdir(image_dir):
+        missing.append(f"image folder {image_dir}")
+    if missing:
+        raise FileNotFoundError(
+            f"COCO subset {subset!r} year {year!r} under {dataset_dir}: missing "
+            + " and ".join(missing)
+            + ". Expected layout: <dataset_dir>/annotations/instances_<subset><year>.json and "
+              "<dataset_dir>/<subset><year>/ with the images.")
+    return annotation_file, image_dir
+
+
+############################################################
+#  Annotation file validation
+############################################################
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
+def rle_string_counts(counts):
+    """Decode the counts of a compressed COCO RLE string (pycocotools' ``rleFrString``).
+
+    Returns the list of run lengths, or None if the string is not a valid
+    encoding (characters outside ``'0'..'o'``, truncated value).
+    """
+    if isinstance(counts, str):
+        counts = counts.encode("ascii", errors="replace")
+    runs = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _segmentation_problem(segm, height, width):
+    """Return a description of what is wrong with a segmentation, or None."""
+    if isinstance(segm, list):
+        if len(segm) == 0:
+            return "'segmentation' is an empty polygon list"
+        for k, poly in enumerate(segm):
+            if not isinstance(poly, (list, tuple)):
+                return f"polygon {k} of 'segmentation' is a {type(poly).__name__}, not a list"
+            if len(poly) < 6:
+                return (f"polygon {k} of 'segmentation' has {len(poly)} coordinates; "
+                        "a polygon needs at least 3 points (6 coordinates)")
+            if len(poly) % 2:
+                return f"polygon {k} of 'segmentation' has an odd number ({len(poly)}) of coordinates"
+            if not _is_number(poly[0]):
+                return f"polygon {k} of 'segmentation' contains a non-number ({poly[0]!r})"
+        return None
+    if isinstance(segm, dict):
+        if "counts" not in segm or "size" not in segm:
+            return "RLE 'segmentation' needs both 'counts' and 'size'"
+        size = segm["size"]
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or not all(_is_int(s) for s in size)):
+            return f"RLE 'size' must be [height, width], got {size!r}"
+        if list(size) != [height, width]:
+            return f"RLE 'size' {list(size)} differs from the image size [{height}, {width}]"
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                return "uncompressed RLE 'counts' must be non-negative integers"
+            if sum(counts) != height * width:
+                return (f"uncompressed RLE 'counts' sum to {sum(counts)}, "
+                        f"expected height * width = {height * width}")
+            return None
+        if isinstance(counts, (str, bytes)):
+            runs = rle_string_counts(counts)
+            if runs is None or any(r < 0 for r in runs) or sum(runs) != height * width:
+                return ("compressed RLE 'counts' is not a valid encoding of "
+                        f"{height} x {width} = {height * width} pixels")
+            return None
+        return f"RLE 'counts' must be a list, str or bytes, got {type(counts).__name__}"
+    if segm is None:
+        return "'segmentation' is missing"
+    return f"'segmentation' must be a polygon list or an RLE dict, got {type(segm).__name__}"
+
+
+def validate_coco_json(data, annotation_file="<annotations>", max_errors=10):
+    """Check the structure of a COCO instances dict.
+
+    Raises:
+        ValueError naming ``annotation_file``, the annotation/image/category id
+        and what is wrong (the first ``max_errors`` problems and their count).
+    """
+    problems = []
+
+    def problem(msg):
+        problems.append(msg)
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{annotation_file}: top level must be a JSON object, "
+                         f"got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{annotation_file}: missing or invalid '{key}' list")
+
+    images = {}
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            problem(f"image entry #{k}: missing or non-integer 'id'")
+            continue
+        iid = img["id"]
+        if iid in images:
+            problem(f"image id {iid}: duplicate image id")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            problem(f"image id {iid}: missing 'file_name'")
+        h, w = img.get("height"), img.get("width")
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            problem(f"image id {iid}: 'height'/'width' must be positive integers, got {h!r}/{w!r}")
+            h = w = None
+        images[iid] = (h, w)
+
+    categories = set()
+    for k, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            problem(f"category entry #{k}: missing or non-integer 'id'")
+            continue
+        if cat["id"] in categories:
+            problem(f"category id {cat['id']}: duplicate category id")
+        if "name" not in cat:
+            problem(f"category id {cat['id']}: missing 'name'")
+        categories.add(cat["id"])
+
+    ann_ids = set()
+    for k, ann in enumerate(data["annotations"]):
+        if len(problems) > 10 * max_errors:
+            break
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+            problem(f"annotation entry #{k}: missing or non-integer 'id'")
+            continue
+        aid = ann["id"]
+        where = f"annotation id {aid}"
+        if aid in ann_ids:
+            problem(f"{where}: duplicate annotation id")
+        ann_ids.add(aid)
+        image_id = ann.get("image_id")
+        if not _is_int(image_id) or image_id not in images:
+            problem(f"{where}: image_id {image_id!r} is not in 'images'")
+            size = (None, None)
+        else:
+            size = images[image_id]
+            where += f" (image {image_id})"
+        cid = ann.get("category_id")
+        if not _is_int(cid) or cid not in categories:
+            problem(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+        crowd = ann.get("iscrowd", 0)
+        if not (_is_int(crowd) or isinstance(crowd, bool)) or crowd not in (0, 1):
+            problem(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
+        bbox = ann.get("bbox")
+        if bbox is None:
+            problem(f"{where}: 'bbox' is missing")
+        elif (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+              or not all(_is_number(v) for v in bbox)):
+            problem(f"{where}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}")
+        elif bbox[2] < 0 or bbox[3] < 0:
+            problem(f"{where}: 'bbox' has a negative width or height: {bbox!r}")
+        if "segmentation" not in ann:
+            problem(f"{where}: 'segmentation' is missing")
+        elif size[0] is not None:
+            msg = _segmentation_problem(ann["segmentation"], *size)
+            if msg:
+                problem(f"{where}: {msg}")
+
+    if problems:
+        shown = "\n  ".join(problems[:max_errors])
+        more = f"\n  ... and {len(problems) - max_errors} more" if len(problems) > max_errors else ""
+        raise ValueError(f"{annotation_file}: {len(problems)} problem(s) in the COCO "
+                         f"annotations:\n  {shown}{more}")
+
+
+############################################################
+#  Dataset
+############################################################
+
+class CocoDataset(utils.Dataset):
+    """A COCO-format instance segmentation dataset (source name ``"coco"``).
+
+    Usage (as matterport)::
+
+        dataset = CocoDataset()
+        coco = dataset.load_coco("/data/coco", "val", year="2017", return_coco=True)
+        dataset.prepare()
+        masks, class_ids = dataset.load_mask(dataset.image_ids[0])
+    """
+
+    def load_coco(self, dataset_dir, subset, year="2017", class_ids=None, class_map=None,
+                  return_coco=False, limit=None, auto_download=False):
+        """Load a subset of a COCO-format dataset.
+
+        Args:
+            dataset_dir: root folder (see :func:`coco_paths`).
+            subset: ``"train"``, ``"val"``, ``"minival"``, ``"valminusminival"``...
+            year: ``"2017"``, ``"2014"``...
+            class_ids: COCO category ids to load (default: all). Annotations of
+                other categories are ignored; images that contain only other
+                categories are left out; images without any annotation are kept.
+            class_map: accepted for matterport compatibility, unused.
+            return_coco: also return the ``pycocotools.coco.COCO`` object.
+            limit: keep only the first ``limit`` images (sorted by image id).
+            auto_download: not supported (no downloads); must be False.
+
+        Returns:
+            the ``COCO`` object if ``return_coco`` else None.
+
+        Raises:
+            FileNotFoundError: missing annotation file or image folder.
+            ValueError: malformed annotation file (names the file and the
+                annotation id), unknown ``class_ids``, invalid ``limit``.
+        """
+        if auto_download:
+            raise ValueError("load_coco: auto_download is not supported; download COCO "
+                             "yourself or use the synthetic COCO-format dataset")
+        if limit is not None and (not _is_int(limit) or limit < 0):
+            raise ValueError(f"load_coco: limit must be a non-negative integer, got {limit!r}")
+        annotation_file, image_dir = coco_paths(dataset_dir, subset, year)
+        try:
+            with open(annotation_file) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{annotation_file}: not valid JSON: {e}") from e
+        validate_coco_json(data, annotation_file)
+
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+
+        all_cats = sorted(coco.getCatIds())
+        if not class_ids:
+            class_ids = all_cats
+        else:
+            class_ids = [int(c) for c in class_ids]
+            unknown = sorted(set(class_ids) - set(all_cats))
+            if unknown:
+                raise ValueError(f"load_coco: class_ids {unknown} are not categories of "
+                                 f"{annotation_file} (known: {all_cats})")
+        wanted = set(class_ids)
+
+        image_ids = []
+        for i in sorted(coco.imgs):
+            anns = coco.imgToAnns.get(i, [])
+            if not anns or any(a["category_id"] in wanted for a in anns):
+                image_ids.append(i)
+        if limit is not None:
+            image_ids = image_ids[:limit]
+
+        for c in class_ids:
+            self.add_class("coco", c, coco.loadCats(c)[0]["name"])
+        for i in image_ids:
+            img = coco.imgs[i]
+            self.add_image(
+                "coco", image_id=i,
+                path=os.path.join(image_dir, img["file_name"]),
+                width=img["width"], height=img["height"],
+                coco_url=img.get("coco_url"),
+                annotation_file=annotation_file,
+                annotations=[a for a in coco.imgToAnns.get(i, []) if a["category_id"] in wanted])
+        log.info("Loaded %d images and %d classes from %s", len(image_ids), len(class_ids),
+                 annotation_file)
+        if return_coco:
+            return coco
+        return None
+
+    def load_mask(self, image_id):
+        """Instance masks of an image.
+
+        Crowd annotations (``iscrowd=1``) get the *negative* class id (matterport's
+        convention; the training code uses them to exclude proposals that
+        overlap crowds) and, if their decoded mask does not have the image
+        size, a mask of ones. Annotations whose decoded mask is empty (area
+        < 1 pixel after rasterization) are skipped.
+
+        Args:
+            image_id: internal image id (index into ``image_info``).
+
+        Returns:
+            masks: ``[H, W, N]`` bool.
+            class_ids: ``[N]`` int32 internal class ids (negative for crowds).
+        """
+        info = self.image_info[image_id]
+        if info["source"] != "coco":
+            return super().load_mask(image_id)
+        height, width = info["height"], info["width"]
+        instance_masks, class_ids = [], []
+        for ann in info["annotations"]:
+            class_id = self.map_source_class_id(f"coco.{ann['category_id']}")
+            try:
+                m = self.annToMask(ann, height, width)
+            except Exception as e:  # corrupt RLE strings are only found when decoding
+                raise ValueError(
+                    f"{info.get('annotation_file', '<annotations>')}: annotation id "
+                    f"{ann.get('id')} (image {info['id']}): cannot decode 'segmentation': {e}"
+                ) from e
+            if m.max() < 1:
+                continue
+            if ann.get("iscrowd", 0):
+                class_id *= -1
+                if m.shape != (height, width):
+                    m = np.ones((height, width), dtype=bool)
+            instance_masks.append(m.astype(bool))
+            class_ids.append(class_id)
+        if not class_ids:
+            return np.zeros((height, width, 0), dtype=bool), np.zeros((0,), dtype=np.int32)
+        return np.stack(instance_masks, axis=2), np.array(class_ids, dtype=np.int32)
+
+    def image_reference(self, image_id):
+        """The image's ``coco_url`` if known, else its file path."""
+        info = self.image_info[image_id]
+        if info["source"] != "coco":
+            return super().image_reference(image_id)
+        return info.get("coco_url") or info["path"]
+
+    def annToRLE(self, ann, height, width):
+        """Compressed RLE of an annotation (polygons, uncompressed or compressed RLE)."""
+        segm = ann["segmentation"]
+        if isinstance(segm, list):
+            # A polygon object may have several parts: merge them into one RLE.
+            return maskUtils.merge(maskUtils.frPyObjects(segm, height, width))
+        if isinstance(segm["counts"], list):
+            return maskUtils.frPyObjects(segm, height, width)
+        return segm
+
+    def annToMask(self, ann, height, width):
+        """``[height, width]`` uint8 0/1 mask of an annotation."""
+        return maskUtils.decode(self.annToRLE(ann, height, width))
