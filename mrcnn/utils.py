@@ -434,9 +434,12 @@ class Dataset(object):
         if class_ids.shape[0] != masks.shape[-1]:
             raise ValueError(f"{what}: {class_ids.shape[0]} class_ids but {masks.shape[-1]} masks")
         num_classes = getattr(self, "num_classes", len(self.class_info))
-        bad = class_ids[(class_ids < 1) | (class_ids >= num_classes)]
+        # Negative ids mark crowd regions (COCO iscrowd), as in matterport.
+        magnitude = np.abs(class_ids)
+        bad = class_ids[(magnitude < 1) | (magnitude >= num_classes)]
         if bad.size:
-            raise ValueError(f"{what}: class ids {bad.tolist()} out of range [1, {num_classes - 1}]")
+            raise ValueError(f"{what}: class ids {bad.tolist()} out of range [1, {num_classes - 1}] "
+                             "(negative ids mark crowds)")
 
 
 ############################################################

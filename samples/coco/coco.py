@@ -1,0 +1,321 @@
+"""Mask R-CNN on COCO, with the Edge Agreement Head.
+
+    # Built-in synthetic COCO-format data (generated once, CPU-sized config):
+    python samples/coco/coco.py train --edge-loss sobel
+    python samples/coco/coco.py evaluate
+
+    # Real COCO (a folder with annotations/instances_train2017.json, train2017/, ...):
+    python samples/coco/coco.py train --dataset /data/coco --year 2017 --model imagenet \\
+        --edge-loss sobel --training-mode full --steps 160000
+    python samples/coco/coco.py evaluate --dataset /data/coco --model last --limit 500
+
+``--training-mode`` follows the paper (section 4): stage 1 trains the heads,
+stage 2 ResNet stage 4 and up, stage 3 all layers at LR/10, in the
+proportions 40k/80k/40k of ``--steps``. ``base`` runs stages 1-2, ``fine``
+stage 3 only (to fine-tune a trained model).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+if ROOT_DIR not in sys.path:
+    sys.path.insert(0, ROOT_DIR)
+
+from mrcnn.config import Config  # noqa: E402
+from mrcnn.coco_dataset import CocoDataset  # noqa: E402
+from mrcnn.edge_agreement import FILTERS  # noqa: E402
+
+log = logging.getLogger("coco")
+
+DEFAULT_LOGS_DIR = os.path.join(ROOT_DIR, "logs")
+DEFAULT_BUILTIN_DIR = os.path.join(ROOT_DIR, "data", "builtin-coco")
+COCO_MODEL_PATH = os.path.join(ROOT_DIR, "mask_rcnn_coco.h5")
+IMAGENET_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+EDGE_PRESETS = {"none": [], "sobel": ["sobel"], "laplace": ["laplace"], "sobel+laplace": ["sobel", "laplace"]}
+SMOOTHING = {"none": (False, False), "gt": (True, False), "pred": (False, True), "both": (True, True)}
+# Paper section 4: 40k heads, 80k 4+, 40k all at LR/10.
+SCHEDULE = [("heads", 1, 1.0), ("4+", 2, 1.0), ("all", 1, 0.1)]
+TRAINING_MODES = {"full": (0, 1, 2), "base": (0, 1), "fine": (2,)}
+# Class-specific layers, excluded when loading weights trained on other classes.
+CLASS_SPECIFIC_LAYERS = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"]
+
+
+class CocoConfig(Config):
+    """matterport's COCO configuration (GPU-sized)."""
+    NAME = "coco"
+    IMAGES_PER_GPU = 2
+    NUM_CLASSES = 1 + 80
+
+
+class BuiltinCocoConfig(Config):
+    """CPU-sized configuration for the built-in synthetic COCO data (128x128)."""
+    NAME = "coco_builtin"
+    IMAGES_PER_GPU = 4
+    NUM_CLASSES = 1 + 5
+    BACKBONE = "resnet_small"
+    TOP_DOWN_PYRAMID_SIZE = 64
+    FPN_CLASSIF_FC_LAYERS_SIZE = 128
+    MASK_HEAD_CHANNELS = 64
+    IMAGE_MIN_DIM = 128
+    IMAGE_MAX_DIM = 128
+    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
+    MEAN_PIXEL = np.array([127.5, 127.5, 127.5])
+    RPN_TRAIN_ANCHORS_PER_IMAGE = 128
+    PRE_NMS_LIMIT = 1000
+    POST_NMS_ROIS_TRAINING = 256
+    POST_NMS_ROIS_INFERENCE = 128
+    TRAIN_ROIS_PER_IMAGE = 32
+    MAX_GT_INSTANCES = 12
+    DETECTION_MAX_INSTANCES = 20
+    DETECTION_MIN_CONFIDENCE = 0.5
+    STEPS_PER_EPOCH = 50
+    VALIDATION_STEPS = 5
+    LEARNING_RATE = 0.01
+
+
+# Size of the built-in data: images per split and side length.
+BUILTIN = {"train": 400, "val": 100, "size": 128}
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _norm(value):
+    try:
+        p = float(value[1:]) if str(value).lower().startswith("l") else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number >= 1 (or l1..l5)")
+    if not p >= 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: the L^p norm needs p >= 1")
+    return p
+
+
+def _positive_int(value):
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive integer")
+    return n
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Train or evaluate Mask R-CNN (with the Edge "
+                                     "Agreement Head) on COCO or the built-in synthetic COCO data.")
+    parser.add_argument("command", choices=["train", "evaluate"])
+    parser.add_argument("--dataset", metavar="DIR", default=None,
+                        help="COCO root (annotations/instances_<subset><year>.json and image folders); "
+                             "default: the built-in synthetic data")
+    parser.add_argument("--builtin-dir", metavar="DIR", default=DEFAULT_BUILTIN_DIR,
+                        help="cache folder of the built-in data (default: %(default)s)")
+    parser.add_argument("--year", choices=["2014", "2017"], default="2017")
+    parser.add_argument("--model", default=None, metavar="imagenet|coco|last|none|PATH",
+                        help="weights to start from (train default: none; evaluate default: last)")
+    parser.add_argument("--logs", default=DEFAULT_LOGS_DIR, metavar="DIR",
+                        help="logs and checkpoints directory (default: %(default)s)")
+    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                        help="evaluate on the first N val images (default: all built-in / 500 COCO)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edge-loss", choices=sorted(EDGE_PRESETS), default="none",
+                        help="edge agreement filters (default: %(default)s)")
+    parser.add_argument("--edge-loss-filters", nargs="+", choices=sorted(FILTERS) + ["sobel"],
+                        metavar="NAME", default=None,
+                        help=f"explicit filters (reference fork's flag): {', '.join(sorted(FILTERS))}")
+    parser.add_argument("--edge-loss-norm", type=_norm, default=2.0, metavar="P", help="p of the L^p loss")
+    parser.add_argument("--edge-loss-weight", type=float, default=1.0, metavar="W")
+    parser.add_argument("--edge-loss-smoothing", choices=sorted(SMOOTHING), default="none",
+                        help="Gaussian smoothing of the ground truth / prediction")
+    parser.add_argument("--training-mode", choices=sorted(TRAINING_MODES), default="full")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="total training steps over all stages (default: 600 built-in, 160000 COCO)")
+    parser.add_argument("--no-augment", action="store_true", help="disable random horizontal flips")
+    return parser
+
+
+def make_config(args, inference=False):
+    """The config for the dataset in use, with the edge-loss options applied."""
+    base = BuiltinCocoConfig if args.dataset is None else CocoConfig
+    filters = args.edge_loss_filters if args.edge_loss_filters else EDGE_PRESETS[args.edge_loss]
+    smooth_gt, smooth_pred = SMOOTHING[args.edge_loss_smoothing]
+
+    class RunConfig(base):
+        EDGE_LOSS_FILTERS = list(filters)
+        EDGE_LOSS_NORM = args.edge_loss_norm
+        EDGE_LOSS_WEIGHT = args.edge_loss_weight
+        EDGE_LOSS_SMOOTHING_GT = smooth_gt
+        EDGE_LOSS_SMOOTHING_PREDICTIONS = smooth_pred
+        if inference:
+            IMAGES_PER_GPU = 1
+            GPU_COUNT = 1
+    RunConfig.__name__ = base.__name__
+    return RunConfig()
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+def dataset_root(args):
+    """The COCO root in use; generates the built-in data on first use."""
+    if args.dataset is not None:
+        return args.dataset
+    from mrcnn.synthetic import ensure_coco_dataset
+    for subset in ("train", "val"):
+        ensure_coco_dataset(args.builtin_dir, subset=subset, year=args.year, count=BUILTIN[subset],
+                            height=BUILTIN["size"], width=BUILTIN["size"],
+                            seed=1000 if subset == "train" else 2000)
+    return args.builtin_dir
+
+
+def load_subset(root, subset, year, limit=None, return_coco=False):
+    dataset = CocoDataset()
+    coco = dataset.load_coco(root, subset, year=year, limit=limit, return_coco=return_coco)
+    dataset.prepare()
+    return (dataset, coco) if return_coco else dataset
+
+
+def describe_dataset(args, root):
+    kind = "built-in synthetic COCO" if args.dataset is None else "COCO"
+    return f"{kind} data in {root} (year {args.year})"
+
+
+# ---------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------
+
+def resolve_weights(model, choice):
+    """(path, exclude) for --model; None path for "none"."""
+    if choice in (None, "none"):
+        return None, None
+    if choice == "last":
+        return model.find_last(), None
+    if choice == "coco":
+        if not os.path.exists(COCO_MODEL_PATH):
+            raise FileNotFoundError(
+                f"COCO weights not found at {COCO_MODEL_PATH}; nothing is downloaded at run time: put "
+                "matterport's mask_rcnn_coco.h5 there or pass --model PATH")
+        exclude = CLASS_SPECIFIC_LAYERS if model.config.NUM_CLASSES != 81 else None
+        return COCO_MODEL_PATH, exclude
+    if choice == "imagenet":
+        path = os.path.join(os.path.expanduser("~"), ".keras", "models", IMAGENET_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"ImageNet ResNet-50 weights not found at {path}; nothing is downloaded at run time: "
+                f"copy the Keras 2 '{IMAGENET_FILE}' file there or pass --model PATH")
+        return path, None
+    if not os.path.exists(choice):
+        raise FileNotFoundError(f"--model {choice}: no such file")
+    return choice, None
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+def stage_plan(mode, total_steps, steps_per_epoch):
+    """[(layers, end_epoch, lr_factor)] of the paper's schedule for ``mode``."""
+    stages = [SCHEDULE[i] for i in TRAINING_MODES[mode]]
+    parts = sum(s[1] for s in stages)
+    plan, steps = [], 0
+    for layers, weight, lr_factor in stages:
+        steps += total_steps * weight / parts
+        end_epoch = max(int(round(steps / steps_per_epoch)), (plan[-1][1] + 1) if plan else 1)
+        plan.append((layers, end_epoch, lr_factor))
+    return plan
+
+
+def train(args):
+    from mrcnn import model as modellib
+    root = dataset_root(args)
+    config = make_config(args)
+    total = args.steps or (600 if args.dataset is None else 160000)
+    config.STEPS_PER_EPOCH = min(config.STEPS_PER_EPOCH if args.dataset is None else 1000,
+                                 max(1, total // 4))
+    log.info("dataset: %s", describe_dataset(args, root))
+    log.info("config: %s (%s, %dx%d images, batch %d); edge loss: %s", type(config).__name__,
+             config.BACKBONE, config.IMAGE_SHAPE[0], config.IMAGE_SHAPE[1], config.BATCH_SIZE,
+             config.EDGE_LOSS_FILTERS or "off")
+    config.display()
+    train_set = load_subset(root, "train", args.year)
+    val_set = load_subset(root, "val", args.year)
+    model = modellib.MaskRCNN(mode="training", config=config, model_dir=args.logs)
+    path, exclude = resolve_weights(model, args.model)
+    if path:
+        log.info("loading weights %s", path)
+        model.load_weights(path, by_name=True, exclude=exclude)
+    augmentation = None if args.no_augment else "fliplr"
+    plan = stage_plan(args.training_mode, total, config.STEPS_PER_EPOCH)
+    log.info("schedule (%s, %d steps, %d steps/epoch): %s", args.training_mode, total,
+             config.STEPS_PER_EPOCH, plan)
+    t0 = time.time()
+    for layers, end_epoch, lr_factor in plan:
+        if model.epoch >= end_epoch:
+            continue
+        log.info("stage: layers=%s until epoch %d at lr %g", layers, end_epoch,
+                 config.LEARNING_RATE * lr_factor)
+        model.train(train_set, val_set, learning_rate=config.LEARNING_RATE * lr_factor,
+                    epochs=end_epoch, layers=layers, augmentation=augmentation, seed=args.seed)
+    log.info("training done in %.0f s; last checkpoint %s", time.time() - t0, model.find_last())
+    return model
+
+
+def evaluate(args):
+    from tqdm import tqdm
+    from mrcnn import evaluation, model as modellib
+    root = dataset_root(args)
+    config = make_config(args, inference=True)
+    limit = args.limit or (None if args.dataset is None else 500)
+    log.info("dataset: %s; evaluating on %s val images", describe_dataset(args, root),
+             limit if limit else "all")
+    subset = "minival" if args.dataset is not None and args.year == "2014" else "val"
+    dataset, coco = load_subset(root, subset, args.year,
+                                limit=limit, return_coco=True)
+    model = modellib.MaskRCNN(mode="inference", config=config, model_dir=args.logs)
+    path, exclude = resolve_weights(model, args.model or "last")
+    if path is None:
+        log.warning("evaluating a model with random weights (--model none)")
+    else:
+        model.load_weights(path, by_name=True, exclude=exclude)
+    image_ids = list(dataset.image_ids)
+    results = []
+    t0 = time.time()
+    for image_id in tqdm(image_ids, desc="detect", unit="img"):
+        image = dataset.load_image(image_id)
+        r = model.detect([image])[0]
+        results.extend(evaluation.build_coco_results(
+            dataset, [dataset.image_info[image_id]["id"]], r["rois"], r["class_ids"], r["scores"],
+            r["masks"].astype(np.uint8)))
+    seconds = time.time() - t0
+    coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
+    metrics = {t: evaluation.evaluate(coco, results, iou_type=t, image_ids=coco_ids)
+               for t in ("bbox", "segm", "boundary")}
+    table = evaluation.summarize_table(metrics)
+    print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images "
+          f"({1000 * seconds / max(1, len(image_ids)):.0f} ms/image):\n{table}")
+    out_dir = os.path.dirname(path) if path else model.log_dir
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, "eval_" + (os.path.splitext(os.path.basename(path))[0]
+                                             .replace(".weights", "") if path else "random"))
+    with open(stem + "_detections.json", "w") as f:
+        json.dump(results, f)
+    evaluation.write_metrics(metrics, stem + "_metrics")
+    log.info("wrote %s_detections.json, %s_metrics.json and .csv", stem, stem)
+    return metrics
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return train(args) if args.command == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
