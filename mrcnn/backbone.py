@@ -23,10 +23,31 @@ STAGE_BLOCKS = {
 WIDTH = {"resnet50": 64, "resnet101": 64, "resnet_small": 16}
 
 
+class BatchNorm(layers.BatchNormalization):
+    """BatchNormalization whose mode is fixed at construction.
+
+    With ``train_bn=False`` (matterport's default: batches of 1-2 images give
+    useless statistics) it always normalizes with the moving statistics and
+    never updates them, even inside a model called with ``training=True``.
+    A plain ``bn(x, training=False)`` is not enough in Keras 3: a functional
+    model called with ``training=True`` passes that on to its layers.
+    Gamma and beta still train when the layer is trainable.
+    """
+
+    def __init__(self, train_bn=False, **kwargs):
+        kwargs.setdefault("epsilon", 1e-3)
+        super().__init__(**kwargs)
+        self.train_bn = bool(train_bn)
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=bool(training) and self.train_bn, mask=mask)
+
+    def get_config(self):
+        return {**super().get_config(), "train_bn": self.train_bn}
+
+
 def _bn(name, train_bn):
-    """BatchNorm called in inference mode unless ``train_bn`` (frozen stats)."""
-    bn = layers.BatchNormalization(name=name, epsilon=1e-3)
-    return lambda x: bn(x, training=train_bn)
+    return BatchNorm(train_bn=train_bn, name=name)
 
 
 def _bottleneck(x, kernel_size, filters, stage, block, train_bn, strides=None):

@@ -10,6 +10,7 @@ matterport's, so its ``.h5`` weights load by name.
 
 from keras import layers, ops
 
+from mrcnn.backbone import BatchNorm
 from mrcnn.layers import PyramidROIAlign
 
 
@@ -65,10 +66,10 @@ def fpn_classifier_graph(rois, feature_maps, image_shape, pool_size, num_classes
     x = _fold(x)
     # Two "fully connected" layers as convolutions (matterport's layout).
     x = layers.Conv2D(fc_layers_size, pool_size, padding="valid", name="mrcnn_class_conv1")(x)
-    x = layers.BatchNormalization(name="mrcnn_class_bn1", epsilon=1e-3)(x, training=train_bn)
+    x = BatchNorm(train_bn, name="mrcnn_class_bn1")(x)
     x = layers.Activation("relu")(x)
     x = layers.Conv2D(fc_layers_size, 1, name="mrcnn_class_conv2")(x)
-    x = layers.BatchNormalization(name="mrcnn_class_bn2", epsilon=1e-3)(x, training=train_bn)
+    x = BatchNorm(train_bn, name="mrcnn_class_bn2")(x)
     x = layers.Activation("relu")(x)
     shared = ops.reshape(x, (-1, fc_layers_size))
     logits = layers.Dense(num_classes, name="mrcnn_class_logits")(shared)
@@ -94,7 +95,7 @@ def build_fpn_mask_graph(rois, feature_maps, image_shape, pool_size, num_classes
     x = _fold(x)
     for i in range(1, 5):
         x = layers.Conv2D(channels, 3, padding="same", name=f"mrcnn_mask_conv{i}")(x)
-        x = layers.BatchNormalization(name=f"mrcnn_mask_bn{i}", epsilon=1e-3)(x, training=train_bn)
+        x = BatchNorm(train_bn, name=f"mrcnn_mask_bn{i}")(x)
         x = layers.Activation("relu")(x)
     x = layers.Conv2DTranspose(channels, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
     x = layers.Conv2D(num_classes, 1, activation="sigmoid", name="mrcnn_mask")(x)

@@ -266,6 +266,9 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config)
     positive_count = tf.shape(positive_indices)[0]
     r = 1.0 / config.ROI_POSITIVE_RATIO
     negative_count = tf.cast(r * tf.cast(positive_count, tf.float32), tf.int32) - positive_count
+    # Without positives (e.g. early proposals, images without objects) matterport
+    # sampled nothing; background ROIs still teach the classifier, so keep some.
+    negative_count = tf.where(positive_count > 0, negative_count, T - int(T * config.ROI_POSITIVE_RATIO))
     negative_count = tf.minimum(negative_count, T - positive_count)
     negative_indices = tf.random.shuffle(negative_indices)[:negative_count]
 

@@ -68,6 +68,9 @@ class BuiltinCocoConfig(Config):
     IMAGE_MAX_DIM = 128
     RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
     MEAN_PIXEL = np.array([127.5, 127.5, 127.5])
+    # Trained from scratch: BatchNorm learns its statistics (batch 4 x 128x128
+    # pixels, or 128 ROIs in the heads, is enough for them).
+    TRAIN_BN = True
     RPN_TRAIN_ANCHORS_PER_IMAGE = 128
     PRE_NMS_LIMIT = 1000
     POST_NMS_ROIS_TRAINING = 256
@@ -135,6 +138,8 @@ def build_parser():
     parser.add_argument("--training-mode", choices=sorted(TRAINING_MODES), default="full")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="total training steps over all stages (default: 600 built-in, 160000 COCO)")
+    parser.add_argument("--figures", type=int, default=4, metavar="N",
+                        help="evaluate: save PNGs of the detections on the first N images")
     parser.add_argument("--no-augment", action="store_true", help="disable random horizontal flips")
     return parser
 
@@ -252,6 +257,11 @@ def train(args):
         model.load_weights(path, by_name=True, exclude=exclude)
     augmentation = None if args.no_augment else "fliplr"
     plan = stage_plan(args.training_mode, total, config.STEPS_PER_EPOCH)
+    if path is None:
+        # Freezing a randomly initialised backbone teaches it nothing: from
+        # scratch, every stage trains all layers (the LR schedule is kept).
+        plan = [("all", end, lr) for _, end, lr in plan]
+        log.info("no pre-trained weights (--model none): all layers train in every stage")
     log.info("schedule (%s, %d steps, %d steps/epoch): %s", args.training_mode, total,
              config.STEPS_PER_EPOCH, plan)
     t0 = time.time()
@@ -268,7 +278,7 @@ def train(args):
 
 def evaluate(args):
     from tqdm import tqdm
-    from mrcnn import evaluation, model as modellib
+    from mrcnn import evaluation, model as modellib, utils, visualize
     root = dataset_root(args)
     config = make_config(args, inference=True)
     limit = args.limit or (None if args.dataset is None else 500)
@@ -284,28 +294,48 @@ def evaluate(args):
     else:
         model.load_weights(path, by_name=True, exclude=exclude)
     image_ids = list(dataset.image_ids)
-    results = []
-    t0 = time.time()
-    for image_id in tqdm(image_ids, desc="detect", unit="img"):
-        image = dataset.load_image(image_id)
-        r = model.detect([image])[0]
-        results.extend(evaluation.build_coco_results(
-            dataset, [dataset.image_info[image_id]["id"]], r["rois"], r["class_ids"], r["scores"],
-            r["masks"].astype(np.uint8)))
-    seconds = time.time() - t0
-    coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
-    metrics = {t: evaluation.evaluate(coco, results, iou_type=t, image_ids=coco_ids)
-               for t in ("bbox", "segm", "boundary")}
-    table = evaluation.summarize_table(metrics)
-    print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images "
-          f"({1000 * seconds / max(1, len(image_ids)):.0f} ms/image):\n{table}")
     out_dir = os.path.dirname(path) if path else model.log_dir
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "eval_" + (os.path.splitext(os.path.basename(path))[0]
                                              .replace(".weights", "") if path else "random"))
+    results, aps = [], []
+    seconds = 0.
+    for n, image_id in enumerate(tqdm(image_ids, desc="detect", unit="img")):
+        image = dataset.load_image(image_id)
+        t0 = time.perf_counter()
+        r = model.detect([image])[0]
+        seconds += time.perf_counter() - t0
+        results.extend(evaluation.build_coco_results(
+            dataset, [dataset.image_info[image_id]["id"]], r["rois"], r["class_ids"], r["scores"],
+            r["masks"].astype(np.uint8)))
+        gt_masks, gt_class_ids = dataset.load_mask(image_id)
+        keep = gt_class_ids > 0  # matterport's mAP@0.5 ignores crowds
+        if keep.any() or len(r["class_ids"]):
+            gt_masks, gt_class_ids = gt_masks[:, :, keep], gt_class_ids[keep]
+            aps.append(utils.compute_ap(utils.extract_bboxes(gt_masks), gt_class_ids, gt_masks,
+                                        r["rois"], r["class_ids"], r["scores"], r["masks"])[0])
+        if n < args.figures:
+            visualize.display_instances(image, r["rois"], r["masks"], r["class_ids"], dataset.class_names,
+                                        r["scores"], title=f"image {dataset.image_info[image_id]['id']}",
+                                        figsize=(6, 6), save_path=f"{stem}_image{n}.png")
+    coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
+    metrics = {t: evaluation.evaluate(coco, results, iou_type=t, image_ids=coco_ids)
+               for t in ("bbox", "segm", "boundary")}
+    table = evaluation.summarize_table(metrics)
+    map50 = float(np.mean(aps)) if aps else 0.0
+    print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images "
+          f"({1000 * seconds / max(1, len(image_ids)):.0f} ms/image detect):\n{table}\n"
+          f"mAP@0.5 (matterport utils.compute_ap, mean over {len(aps)} images): "
+          f"{map50:.3f}")
     with open(stem + "_detections.json", "w") as f:
         json.dump(results, f)
-    evaluation.write_metrics(metrics, stem + "_metrics")
+    json_path, _ = evaluation.write_metrics(metrics, stem + "_metrics")
+    with open(json_path) as f:
+        stored = json.load(f)
+    stored["matterport_mAP50"] = map50
+    with open(json_path, "w") as f:
+        json.dump(stored, f, indent=2)
+    metrics["matterport_mAP50"] = map50
     log.info("wrote %s_detections.json, %s_metrics.json and .csv", stem, stem)
     return metrics
 
