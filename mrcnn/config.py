@@ -83,6 +83,10 @@ class Config:
     # ROIs per image fed to the heads in training, and the positive fraction.
     TRAIN_ROIS_PER_IMAGE = 200
     ROI_POSITIVE_RATIO = 0.33
+    # Add the ground-truth boxes to the RPN proposals before sampling ROIs
+    # (Detectron does; matterport did not). The heads then get positive ROIs
+    # from the first step, which matters most when training from scratch.
+    TRAIN_ROIS_INCLUDE_GT = True
 
     # RoIAlign output sizes for the classifier and the mask head.
     POOL_SIZE = 7

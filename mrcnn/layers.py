@@ -253,6 +253,11 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config)
     gt_boxes = tf.gather(gt_boxes, non_crowd)
     gt_masks = tf.gather(gt_masks, non_crowd, axis=2)
 
+    if getattr(config, "TRAIN_ROIS_INCLUDE_GT", False):
+        # Detectron's practice: the GT boxes are proposals too, so the heads see
+        # positives from the first step, before the RPN has learned anything.
+        proposals = tf.concat([proposals, gt_boxes], axis=0)
+
     overlaps = overlaps_graph(proposals, gt_boxes)  # [P, G]
     crowd_max = tf.reduce_max(tf.concat(
         [overlaps_graph(proposals, crowd_boxes), tf.zeros([tf.shape(proposals)[0], 1])], axis=1), axis=1)

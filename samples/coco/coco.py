@@ -85,7 +85,7 @@ class BuiltinCocoConfig(Config):
 
 
 # Size of the built-in data: images per split and side length.
-BUILTIN = {"train": 400, "val": 100, "size": 128}
+BUILTIN = {"train": 400, "size": 128}
 
 
 # ---------------------------------------------------------------------------
@@ -118,6 +118,8 @@ def build_parser():
                              "default: the built-in synthetic data")
     parser.add_argument("--builtin-dir", metavar="DIR", default=DEFAULT_BUILTIN_DIR,
                         help="cache folder of the built-in data (default: %(default)s)")
+    parser.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["train"], metavar="N",
+                        help="built-in data: N train and N/4 val images (default: %(default)s)")
     parser.add_argument("--year", choices=["2014", "2017"], default="2017")
     parser.add_argument("--model", default=None, metavar="imagenet|coco|last|none|PATH",
                         help="weights to start from (train default: none; evaluate default: last)")
@@ -172,8 +174,9 @@ def dataset_root(args):
     if args.dataset is not None:
         return args.dataset
     from mrcnn.synthetic import ensure_coco_dataset
+    counts = {"train": args.builtin_images, "val": max(1, args.builtin_images // 4)}
     for subset in ("train", "val"):
-        ensure_coco_dataset(args.builtin_dir, subset=subset, year=args.year, count=BUILTIN[subset],
+        ensure_coco_dataset(args.builtin_dir, subset=subset, year=args.year, count=counts[subset],
                             height=BUILTIN["size"], width=BUILTIN["size"],
                             seed=1000 if subset == "train" else 2000)
     return args.builtin_dir
