@@ -206,6 +206,11 @@ class MaskRCNN:
         """
         if self.mode != "training":
             raise ValueError("create the model with mode='training' to train it")
+        for what, ds in (("train_dataset", train_dataset), ("val_dataset", val_dataset)):
+            n = getattr(ds, "num_classes", None)
+            if n is not None and n != self.config.NUM_CLASSES:
+                raise ValueError(f"{what} has {n} classes (background included) but "
+                                 f"{type(self.config).__name__}.NUM_CLASSES is {self.config.NUM_CLASSES}")
         if no_augmentation_sources:
             log.warning("no_augmentation_sources is ignored")
         if seed is not None:
