@@ -31,6 +31,7 @@ This module never imports TensorFlow.
 """
 
 import collections
+import threading
 import json
 import logging
 import os
@@ -487,6 +488,7 @@ class SyntheticShapesDataset(utils.Dataset):
         super().__init__(class_map)
         self._cache = collections.OrderedDict()
         self._cache_size = int(cache_size)
+        self._cache_lock = threading.Lock()  # the batch loader reads from several threads
 
     def load_shapes(self, count, height=128, width=128, seed=0, split="train", **kwargs):
         """Register ``count`` images of size ``height`` x ``width``.
@@ -508,15 +510,17 @@ class SyntheticShapesDataset(utils.Dataset):
         info = self.image_info[image_id]
         key = (info["seed"], info["split"], info["index"], info["height"], info["width"],
                tuple(sorted(info["options"].items())))
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         result = generate_image(info["seed"], info["index"], height=info["height"],
                                 width=info["width"], split=info["split"], **info["options"])
         if self._cache_size > 0:
-            self._cache[key] = result
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            with self._cache_lock:
+                self._cache[key] = result
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return result
 
     def load_image(self, image_id):

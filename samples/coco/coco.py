@@ -81,7 +81,7 @@ class BuiltinCocoConfig(Config):
     DETECTION_MIN_CONFIDENCE = 0.5
     STEPS_PER_EPOCH = 50
     VALIDATION_STEPS = 5
-    LEARNING_RATE = 0.01
+    LEARNING_RATE = 0.02
 
 
 # Size of the built-in data: images per split and side length.
