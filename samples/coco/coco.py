@@ -139,7 +139,7 @@ def build_parser():
                         help="Gaussian smoothing of the ground truth / prediction")
     parser.add_argument("--training-mode", choices=sorted(TRAINING_MODES), default="full")
     parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="total training steps over all stages (default: 600 built-in, 160000 COCO)")
+                        help="total training steps over all stages (default: 1000 built-in, 160000 COCO)")
     parser.add_argument("--figures", type=int, default=4, metavar="N",
                         help="evaluate: save PNGs of the detections on the first N images")
     parser.add_argument("--no-augment", action="store_true", help="disable random horizontal flips")
@@ -161,6 +161,8 @@ def make_config(args, inference=False):
         if inference:
             IMAGES_PER_GPU = 1
             GPU_COUNT = 1
+            # COCO AP ranks all detections: keep low-confidence ones (matterport's coco.py too).
+            DETECTION_MIN_CONFIDENCE = 0.0
     RunConfig.__name__ = base.__name__
     return RunConfig()
 
@@ -243,7 +245,7 @@ def train(args):
     from mrcnn import model as modellib
     root = dataset_root(args)
     config = make_config(args)
-    total = args.steps or (600 if args.dataset is None else 160000)
+    total = args.steps or (1000 if args.dataset is None else 160000)
     config.STEPS_PER_EPOCH = min(config.STEPS_PER_EPOCH if args.dataset is None else 1000,
                                  max(1, total // 4))
     log.info("dataset: %s", describe_dataset(args, root))
