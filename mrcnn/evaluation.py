@@ -421,6 +421,39 @@ def build_coco_results(dataset, image_ids, rois, class_ids, scores, masks):
 #  Reporting
 ############################################################
 
+IOU_TYPES = ("bbox", "segm", "boundary")
+
+
+def detect_dataset(model, dataset, image_ids=None, progress=True, on_image=None):
+    """Run ``model.detect`` over dataset images and collect COCO results.
+
+    model: an inference ``MaskRCNN`` (anything with ``detect([image])``).
+    dataset: a prepared ``CocoDataset`` (``image_info[i]["id"]`` is the COCO id).
+    on_image: optional ``f(image_id, image, result)`` called per image (for
+        extra metrics or figures).
+    Returns (results in COCO format, seconds spent in ``detect``).
+    """
+    import time
+    image_ids = list(dataset.image_ids if image_ids is None else image_ids)
+    results, seconds = [], 0.
+    for image_id in tqdm(image_ids, desc="detect", unit="img", disable=not progress, leave=False):
+        image = dataset.load_image(image_id)
+        t0 = time.perf_counter()
+        r = model.detect([image])[0]
+        seconds += time.perf_counter() - t0
+        results.extend(build_coco_results(dataset, [dataset.image_info[image_id]["id"]], r["rois"],
+                                          r["class_ids"], r["scores"], r["masks"].astype(np.uint8)))
+        if on_image is not None:
+            on_image(image_id, image, r)
+    return results, seconds
+
+
+def evaluate_all(coco_gt, detections, image_ids=None, iou_types=IOU_TYPES, dilation_ratio=0.02):
+    """``evaluate`` for each IoU type: {"bbox"|"segm"|"boundary": metrics dict}."""
+    return {t: evaluate(coco_gt, detections, iou_type=t, image_ids=image_ids, dilation_ratio=dilation_ratio)
+            for t in iou_types}
+
+
 def _fmt(value):
     return "n/a" if value is None or value < 0 else f"{value:.3f}"
 
@@ -456,10 +489,10 @@ def summarize_table(metrics_by_type):
     return "\n".join(lines)
 
 
-def write_metrics(metrics_by_type, path_stem):
+def write_metrics(metrics_by_type, path_stem, extra=None):
     """Write ``<path_stem>.json`` and ``<path_stem>.csv``.
 
-    The JSON holds ``metrics_by_type`` as is; the CSV has a header
+    The JSON holds ``metrics_by_type`` as is (plus the ``extra`` entries); the CSV has a header
     ``iou_type,AP,AP50,AP75,APs,APm,APl,AR1,AR10,AR100,ARs,ARm,ARl`` and one
     row per IoU type. Parent folders are created.
 
@@ -473,7 +506,7 @@ def write_metrics(metrics_by_type, path_stem):
     json_path, csv_path = path_stem + ".json", path_stem + ".csv"
     clean = {t: {k: float(v) for k, v in m.items()} for t, m in metrics_by_type.items()}
     with open(json_path, "w") as f:
-        json.dump(clean, f, indent=2)
+        json.dump({**clean, **(extra or {})}, f, indent=2)
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["iou_type", *METRIC_NAMES])

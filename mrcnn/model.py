@@ -195,13 +195,15 @@ class MaskRCNN:
     # -------------------------------------------------------------- training
     def train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
               augmentation=None, custom_callbacks=None, no_augmentation_sources=None,
-              seed=None, workers=2):
+              seed=None, workers=2, log_every=10):
         """Train until ``epochs`` epochs in total have run (continues from ``self.epoch``).
 
         layers: "heads", "3+", "4+", "5+", "all", or a regex of layer names.
         augmentation: None, "fliplr", or ``f(image, masks, rng) -> (image, masks)``.
         custom_callbacks: objects with optional ``on_epoch_begin(epoch)`` /
             ``on_epoch_end(epoch, logs)`` methods (Keras callbacks qualify).
+        seed: fixes weight initialization, ROI sampling and the data order.
+        log_every: steps between rows of ``steps.csv`` (the loss curves).
         Returns the last epoch's logs (losses, val_ losses, ms_per_step).
         """
         if self.mode != "training":
@@ -217,7 +219,7 @@ class MaskRCNN:
             keras.utils.set_random_seed(seed)
         n = set_trainable(self.keras_model, layers)
         log.info("layers=%r: %d trainable weight tensors", layers, n)
-        trainer = Trainer(self, learning_rate, seed=seed)
+        trainer = Trainer(self, learning_rate, seed=seed, log_every=log_every)
         if self.epoch > 0:
             last = self.checkpoint_path_for(self.epoch)
             if os.path.exists(last):

@@ -282,7 +282,6 @@ def train(args):
 
 
 def evaluate(args):
-    from tqdm import tqdm
     from mrcnn import evaluation, model as modellib, utils, visualize
     root = dataset_root(args)
     config = make_config(args, inference=True)
@@ -303,29 +302,23 @@ def evaluate(args):
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "eval_" + (os.path.splitext(os.path.basename(path))[0]
                                              .replace(".weights", "") if path else "random"))
-    results, aps = [], []
-    seconds = 0.
-    for n, image_id in enumerate(tqdm(image_ids, desc="detect", unit="img")):
-        image = dataset.load_image(image_id)
-        t0 = time.perf_counter()
-        r = model.detect([image])[0]
-        seconds += time.perf_counter() - t0
-        results.extend(evaluation.build_coco_results(
-            dataset, [dataset.image_info[image_id]["id"]], r["rois"], r["class_ids"], r["scores"],
-            r["masks"].astype(np.uint8)))
+    aps = []
+
+    def score_and_draw(image_id, image, r):
         gt_masks, gt_class_ids = dataset.load_mask(image_id)
         keep = gt_class_ids > 0  # matterport's mAP@0.5 ignores crowds
         if keep.any() or len(r["class_ids"]):
             gt_masks, gt_class_ids = gt_masks[:, :, keep], gt_class_ids[keep]
             aps.append(utils.compute_ap(utils.extract_bboxes(gt_masks), gt_class_ids, gt_masks,
                                         r["rois"], r["class_ids"], r["scores"], r["masks"])[0])
-        if n < args.figures:
+        if image_id in image_ids[:args.figures]:
             visualize.display_instances(image, r["rois"], r["masks"], r["class_ids"], dataset.class_names,
                                         r["scores"], title=f"image {dataset.image_info[image_id]['id']}",
-                                        figsize=(6, 6), save_path=f"{stem}_image{n}.png")
+                                        figsize=(6, 6), save_path=f"{stem}_image{image_ids.index(image_id)}.png")
+
+    results, seconds = evaluation.detect_dataset(model, dataset, image_ids, on_image=score_and_draw)
     coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
-    metrics = {t: evaluation.evaluate(coco, results, iou_type=t, image_ids=coco_ids)
-               for t in ("bbox", "segm", "boundary")}
+    metrics = evaluation.evaluate_all(coco, results, image_ids=coco_ids)
     table = evaluation.summarize_table(metrics)
     map50 = float(np.mean(aps)) if aps else 0.0
     print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images "
@@ -334,12 +327,7 @@ def evaluate(args):
           f"{map50:.3f}")
     with open(stem + "_detections.json", "w") as f:
         json.dump(results, f)
-    json_path, _ = evaluation.write_metrics(metrics, stem + "_metrics")
-    with open(json_path) as f:
-        stored = json.load(f)
-    stored["matterport_mAP50"] = map50
-    with open(json_path, "w") as f:
-        json.dump(stored, f, indent=2)
+    evaluation.write_metrics(metrics, stem + "_metrics", extra={"matterport_mAP50": map50})
     metrics["matterport_mAP50"] = map50
     log.info("wrote %s_detections.json, %s_metrics.json and .csv", stem, stem)
     return metrics

@@ -40,7 +40,6 @@ seed 0) is kept.
 
 import argparse
 import ast
-import inspect
 import json
 import logging
 import math
@@ -222,41 +221,20 @@ def prepare_run_dir(run_path):
 # ---------------------------------------------------------------------------
 
 def train_model(model, train_set, settings, seed):
-    """Train ``model`` for the study's epochs, layers="all", at the config's LR.
-
-    ``MaskRCNN.train(..., seed=seed)`` logs steps.csv every 10 steps; for another
-    ``log_every`` this does what it does (seed, set_trainable, Trainer.fit)
-    with that interval, unless ``train`` accepts ``log_every`` itself.
-    """
-    import keras
-    from mrcnn.training import Trainer, set_trainable
+    """Train ``model`` for the study's epochs, layers="all", at the config's LR."""
     c = model.config
-    augmentation = "fliplr" if settings["augment"] else None
-    kwargs = dict(learning_rate=c.LEARNING_RATE, epochs=settings["epochs"], layers="all",
-                  augmentation=augmentation, seed=seed)
-    if settings["log_every"] == 10 or "log_every" in inspect.signature(model.train).parameters:
-        extra = {} if settings["log_every"] == 10 else {"log_every": settings["log_every"]}
-        return model.train(train_set, None, **kwargs, **extra)
-    keras.utils.set_random_seed(seed)
-    set_trainable(model.keras_model, "all")
-    trainer = Trainer(model, c.LEARNING_RATE, seed=seed, log_every=settings["log_every"])
-    return trainer.fit(train_set, None, settings["epochs"], augmentation=augmentation)
+    return model.train(train_set, None, learning_rate=c.LEARNING_RATE, epochs=settings["epochs"],
+                       layers="all", augmentation="fliplr" if settings["augment"] else None,
+                       seed=seed, log_every=settings["log_every"])
 
 
 def evaluate_model(model, dataset, coco_gt):
     """COCO metrics of an inference model on all images of ``dataset``:
     {"bbox"|"segm"|"boundary": {AP, AP50, ...}} (mrcnn.evaluation)."""
-    from tqdm import tqdm
     from mrcnn import evaluation
-    results = []
-    for image_id in tqdm(dataset.image_ids, desc="evaluate", unit="img", leave=False):
-        r = model.detect([dataset.load_image(image_id)])[0]
-        results.extend(evaluation.build_coco_results(
-            dataset, [dataset.image_info[image_id]["id"]], r["rois"], r["class_ids"], r["scores"],
-            r["masks"].astype(np.uint8)))
+    results, _ = evaluation.detect_dataset(model, dataset)
     ids = [dataset.image_info[i]["id"] for i in dataset.image_ids]
-    return {t: evaluation.evaluate(coco_gt, results, iou_type=t, image_ids=ids)
-            for t in ("bbox", "segm", "boundary")}
+    return evaluation.evaluate_all(coco_gt, results, image_ids=ids)
 
 
 def pick_instance(dataset, config, images=10):
