@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow start-up logs
 ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 if ROOT_DIR not in sys.path:
     sys.path.insert(0, ROOT_DIR)
@@ -31,6 +32,7 @@ if ROOT_DIR not in sys.path:
 from mrcnn.config import Config  # noqa: E402
 from mrcnn.coco_dataset import CocoDataset  # noqa: E402
 from mrcnn.edge_agreement import FILTERS  # noqa: E402
+from samples.shapes.shapes import ShapesConfig  # noqa: E402
 
 log = logging.getLogger("coco")
 
@@ -55,33 +57,10 @@ class CocoConfig(Config):
     NUM_CLASSES = 1 + 80
 
 
-class BuiltinCocoConfig(Config):
-    """CPU-sized configuration for the built-in synthetic COCO data (128x128)."""
+class BuiltinCocoConfig(ShapesConfig):
+    """CPU-sized configuration for the built-in synthetic COCO data (128x128):
+    the shapes sample's config (small ResNet, narrow heads) under another name."""
     NAME = "coco_builtin"
-    IMAGES_PER_GPU = 4
-    NUM_CLASSES = 1 + 5
-    BACKBONE = "resnet_small"
-    TOP_DOWN_PYRAMID_SIZE = 64
-    FPN_CLASSIF_FC_LAYERS_SIZE = 128
-    MASK_HEAD_CHANNELS = 64
-    IMAGE_MIN_DIM = 128
-    IMAGE_MAX_DIM = 128
-    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
-    MEAN_PIXEL = np.array([127.5, 127.5, 127.5])
-    # Trained from scratch: BatchNorm learns its statistics (batch 4 x 128x128
-    # pixels, or 128 ROIs in the heads, is enough for them).
-    TRAIN_BN = True
-    RPN_TRAIN_ANCHORS_PER_IMAGE = 128
-    PRE_NMS_LIMIT = 1000
-    POST_NMS_ROIS_TRAINING = 256
-    POST_NMS_ROIS_INFERENCE = 128
-    TRAIN_ROIS_PER_IMAGE = 32
-    MAX_GT_INSTANCES = 12
-    DETECTION_MAX_INSTANCES = 20
-    DETECTION_MIN_CONFIDENCE = 0.5
-    STEPS_PER_EPOCH = 50
-    VALIDATION_STEPS = 5
-    LEARNING_RATE = 0.02
 
 
 # Size of the built-in data: images per split and side length.
@@ -336,7 +315,6 @@ def evaluate(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return train(args) if args.command == "train" else evaluate(args)
 
 
