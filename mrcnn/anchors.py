@@ -1,4 +1,4 @@
-"""Anchors and RPN training targets.
+"""Anchors and RPN training targets (NumPy).
 
 Anchors are generated once per config (the image shape is fixed: static graph
 shapes) at every FPN level, then cached. ``build_rpn_targets`` labels them for
@@ -6,11 +6,85 @@ the RPN losses.
 """
 
 import functools
+import math
 
 import numpy as np
 
 from mrcnn import utils
-from mrcnn.backbone import compute_backbone_shapes
+
+
+def compute_backbone_shapes(config, image_shape):
+    """[num_levels, (height, width)] of the pyramid levels for ``image_shape``."""
+    return [[int(math.ceil(image_shape[0] / s)), int(math.ceil(image_shape[1] / s))]
+            for s in config.BACKBONE_STRIDES]
+
+
+def generate_anchors(scales, ratios, shape, feature_stride, anchor_stride):
+    """Anchors of one feature map.
+
+    scales: 1D array of anchor sizes in pixels. Example: [32, 64, 128]
+    ratios: 1D array of anchor ratios of width/height. Example: [0.5, 1, 2]
+    shape: [height, width] spatial shape of the feature map over which
+            to generate anchors.
+    feature_stride: Stride of the feature map relative to the image in pixels.
+    anchor_stride: Stride of anchors on the feature map. For example, if the
+        value is 2 then generate anchors for every other feature map pixel.
+
+    Returns: [N, (y1, x1, y2, x2)] float64 pixel anchors, ordered by feature
+    cell (row-major), then by (scale, ratio) combination as matterport's
+    meshgrid produces (ratios outer, scales inner). Anchor centres are at
+    ``cell * feature_stride`` (matterport convention).
+    """
+    # Get all combinations of scales and ratios
+    scales, ratios = np.meshgrid(np.array(scales, dtype=np.float64), np.array(ratios, dtype=np.float64))
+    scales = scales.flatten()
+    ratios = ratios.flatten()
+
+    # Enumerate heights and widths from scales and ratios
+    heights = scales / np.sqrt(ratios)
+    widths = scales * np.sqrt(ratios)
+
+    # Enumerate shifts in feature space
+    shifts_y = np.arange(0, shape[0], anchor_stride) * feature_stride
+    shifts_x = np.arange(0, shape[1], anchor_stride) * feature_stride
+    shifts_x, shifts_y = np.meshgrid(shifts_x, shifts_y)
+
+    # Enumerate combinations of shifts, widths, and heights
+    box_widths, box_centers_x = np.meshgrid(widths, shifts_x)
+    box_heights, box_centers_y = np.meshgrid(heights, shifts_y)
+
+    # Reshape to get a list of (y, x) and a list of (h, w)
+    box_centers = np.stack([box_centers_y, box_centers_x], axis=2).reshape([-1, 2])
+    box_sizes = np.stack([box_heights, box_widths], axis=2).reshape([-1, 2])
+
+    # Convert to corner coordinates (y1, x1, y2, x2)
+    return np.concatenate([box_centers - 0.5 * box_sizes,
+                           box_centers + 0.5 * box_sizes], axis=1)
+
+
+def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, anchor_stride):
+    """Anchors of all pyramid levels.
+
+    scales: one anchor size per level (e.g. (32, 64, 128, 256, 512)).
+    ratios: width/height ratios used on every level (e.g. [0.5, 1, 2]).
+    feature_shapes: [levels, (height, width)] feature map sizes.
+    feature_strides: one stride (pixels) per level.
+    anchor_stride: stride of anchors on the feature maps.
+
+    Returns: [N, (y1, x1, y2, x2)] float64 pixel anchors, levels concatenated
+    in order (so anchors of the first scale come first).
+    """
+    if not (len(scales) == len(feature_shapes) == len(feature_strides)):
+        raise ValueError(f"generate_pyramid_anchors: {len(scales)} scales, {len(feature_shapes)} feature shapes "
+                         f"and {len(feature_strides)} strides must have the same length")
+    anchors = [generate_anchors(scales[i], ratios, feature_shapes[i], feature_strides[i], anchor_stride)
+               for i in range(len(scales))]
+    return np.concatenate(anchors, axis=0)
+
+
+############################################################
+#  Box normalization
+############################################################
 
 
 def get_anchors(config, image_shape=None, normalized=True):
@@ -30,7 +104,7 @@ def _anchors(scales, ratios, strides, anchor_stride, shape, normalized):
     class _C:  # compute_backbone_shapes only needs the strides
         BACKBONE_STRIDES = strides
     feature_shapes = compute_backbone_shapes(_C, shape)
-    anchors = utils.generate_pyramid_anchors(scales, ratios, feature_shapes, strides, anchor_stride)
+    anchors = generate_pyramid_anchors(scales, ratios, feature_shapes, strides, anchor_stride)
     if normalized:
         anchors = utils.norm_boxes(anchors, shape)
     anchors = anchors.astype(np.float32)

@@ -142,13 +142,3 @@ def build_backbone(input_image, config):
     else:
         _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, train_bn=config.TRAIN_BN)
     return fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
-
-
-def compute_backbone_shapes(config, image_shape):
-    """[num_levels, (height, width)] of the pyramid levels for ``image_shape``."""
-    import math
-    return [[int(math.ceil(image_shape[0] / s)), int(math.ceil(image_shape[1] / s))]
-            for s in config.BACKBONE_STRIDES]
-
-
-

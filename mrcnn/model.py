@@ -27,8 +27,8 @@ import keras
 from keras import layers as KL, ops
 
 from mrcnn import utils
-from mrcnn.anchors import build_rpn_targets, get_anchors as _get_anchors  # noqa: F401 (re-export)
-from mrcnn.backbone import build_backbone, compute_backbone_shapes, fpn_graph, resnet_graph  # noqa: F401
+from mrcnn.anchors import build_rpn_targets, compute_backbone_shapes, get_anchors as _get_anchors  # noqa: F401
+from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph  # noqa: F401
 from mrcnn.checkpoints import load_into, read_epoch
 from mrcnn.data import (compose_image_meta, load_image_gt, mold_image, mold_inputs,  # noqa: F401
                         parse_image_meta, unmold_image)
