@@ -33,8 +33,9 @@ Layout: ``RUN_DIR/study.json`` (settings), ``RUN_DIR/<arm>/seed<k>/``
 Runs go seed by seed (all arms of seed 0 first), so an interrupted study
 already compares all arms. Resuming: a run with ``done.json`` is skipped; an
 unfinished run folder is deleted and the run restarts from step 0 (simpler
-than resuming from a checkpoint and bit-for-bit the same trajectory as an
-uninterrupted run). Only the last checkpoint (plus the edge-map ones for
+than resuming from a checkpoint, with the same initialization and data
+order as an uninterrupted run; TensorFlow's multi-threaded CPU kernels are
+not bit-reproducible, so losses agree only to float rounding noise). Only the last checkpoint (plus the edge-map ones for
 seed 0) is kept.
 """
 
