@@ -112,6 +112,22 @@ def _anchors(scales, ratios, strides, anchor_stride, shape, normalized):
     return anchors
 
 
+def _iou_columns(anchors, boxes):
+    """Yield the IoU [num_anchors] (float64) of all anchors with each box in turn.
+
+    One column at a time: at 1024x1024 there are 261,888 anchors, and a
+    vectorised [A, G] computation with its temporaries costs ~1 GB per image.
+    """
+    anchors = np.asarray(anchors, np.float64)
+    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    for y1, x1, y2, x2 in np.asarray(boxes, np.float64):
+        h = np.clip(np.minimum(anchors[:, 2], y2) - np.maximum(anchors[:, 0], y1), 0, None)
+        w = np.clip(np.minimum(anchors[:, 3], x2) - np.maximum(anchors[:, 1], x1), 0, None)
+        inter = h * w
+        union = area + (y2 - y1) * (x2 - x1) - inter
+        yield np.where(union > 0, inter / np.maximum(union, 1e-12), 0.)
+
+
 def build_rpn_targets(anchors, gt_class_ids, gt_boxes, config, rng=None):
     """Label anchors as positive (1), negative (-1) or neutral (0) and encode deltas.
 
@@ -133,26 +149,33 @@ def build_rpn_targets(anchors, gt_class_ids, gt_boxes, config, rng=None):
     rpn_bbox = np.zeros([num_anchors, 4], dtype=np.float32)
 
     crowd = gt_class_ids < 0
-    if crowd.any():
-        crowd_overlaps = utils.compute_overlaps(anchors, gt_boxes[crowd])
-        no_crowd_bool = np.amax(crowd_overlaps, axis=1) < 0.001
-        gt_class_ids, gt_boxes = gt_class_ids[~crowd], gt_boxes[~crowd]
-    else:
-        no_crowd_bool = np.ones([num_anchors], dtype=bool)
+    crowd_max = np.zeros([num_anchors])
+    for iou in _iou_columns(anchors, gt_boxes[crowd]):
+        np.maximum(crowd_max, iou, out=crowd_max)
+    no_crowd_bool = crowd_max < 0.001
+    gt_class_ids, gt_boxes = gt_class_ids[~crowd], gt_boxes[~crowd]
 
     if len(gt_boxes) == 0:
         # No object: every anchor (away from crowds) is a candidate negative.
         rpn_match[no_crowd_bool] = -1
     else:
-        overlaps = utils.compute_overlaps(anchors, gt_boxes)  # [A, G]
-        anchor_iou_argmax = np.argmax(overlaps, axis=1)
-        anchor_iou_max = overlaps[np.arange(num_anchors), anchor_iou_argmax]
+        # Best GT of each anchor (first one on ties, as argmax) and, for each
+        # GT, its best anchors (ties included).
+        anchor_iou_max = np.zeros([num_anchors])
+        anchor_iou_argmax = np.zeros([num_anchors], np.int64)
+        best = []
+        for j, iou in enumerate(_iou_columns(anchors, gt_boxes)):
+            better = iou > anchor_iou_max
+            anchor_iou_max[better] = iou[better]
+            anchor_iou_argmax[better] = j
+            top = iou.max()
+            if top > 0:
+                best.append(np.nonzero(iou == top)[0])
         rpn_match[(anchor_iou_max < 0.3) & no_crowd_bool] = -1
         # The anchors with the highest IoU for each GT box are positive, even if
-        # below 0.7 (ties included), unless that IoU is zero.
-        gt_best = np.max(overlaps, axis=0)
-        best = np.argwhere((overlaps == gt_best) & (gt_best > 0))[:, 0]
-        rpn_match[best] = 1
+        # below 0.7, unless that IoU is zero.
+        if best:
+            rpn_match[np.concatenate(best)] = 1
         rpn_match[anchor_iou_max >= 0.7] = 1
 
     # Balance: at most half positives, fill the rest with negatives.

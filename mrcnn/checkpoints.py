@@ -56,7 +56,7 @@ def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra
             if optimizer is not None and optimizer.variables:
                 og = f.create_group("optimizer")
                 for v in optimizer.variables:
-                    og.create_dataset(v.path.replace("/", "|"), data=np.asarray(v.numpy()))
+                    og.create_dataset(_slot_key(v), data=np.asarray(v.numpy()))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -149,6 +149,12 @@ def load_into(keras_model, path, by_name=False, exclude=None):
     return loaded
 
 
+def _slot_key(variable):
+    """Optimizer variable path without the optimizer's name (Keras numbers
+    optimizers per process: "sgd", "sgd_1", ...)."""
+    return variable.path.split("/", 1)[-1].replace("/", "|")
+
+
 def load_optimizer_slots(path, optimizer):
     """Restore optimizer variables whose paths match those stored in ``path``."""
     with h5py.File(path, "r") as f:
@@ -157,8 +163,11 @@ def load_optimizer_slots(path, optimizer):
         g = f["optimizer"]
         restored = 0
         for v in optimizer.variables:
-            key = v.path.replace("/", "|")
+            key = _slot_key(v)
             if key in g and tuple(g[key].shape) == tuple(v.shape):
                 v.assign(g[key][()])
                 restored += 1
+        if not restored and len(g):
+            log.warning("%s: none of the %d stored optimizer variables matches this optimizer "
+                        "(different trainable layers?); momentum starts from zero", path, len(g))
         return restored

@@ -193,6 +193,11 @@ class Config:
             fail("MEAN_PIXEL", f"needs IMAGE_CHANNEL_COUNT={self.IMAGE_CHANNEL_COUNT} values")
         if self.BATCH_SIZE < 1:
             fail("IMAGES_PER_GPU", "batch size must be at least 1")
+        if self.GPU_COUNT != 1:
+            fail("GPU_COUNT", f"{self.GPU_COUNT}: multi-device training is not implemented yet; "
+                 "use GPU_COUNT = 1 (the whole batch runs on one device)")
+        if not self.USE_RPN_ROIS:
+            fail("USE_RPN_ROIS", "training on externally supplied ROIs is not supported")
         if self.EDGE_LOSS_FILTERS:
             from mrcnn.edge_agreement import validate_edge_config
             try:

@@ -14,7 +14,9 @@ A batch (``build_batch``) holds
                      when USE_MINI_MASK, else full image size)
 """
 
+import functools
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -228,27 +230,26 @@ class BatchLoader:
     """
 
     def __init__(self, dataset, config, shuffle=True, augmentation=None, seed=None,
-                 workers=2, prefetch=4, start_step=0):
+                 workers=None, prefetch=4, start_step=0):
         if len(dataset.image_ids) == 0:
             raise ValueError("the dataset has no images (did you call dataset.prepare()?)")
         self.dataset, self.config = dataset, config
         self.shuffle, self.augmentation = shuffle, get_augmentation(augmentation)
         self.seed = 0 if seed is None else int(seed)
-        self.workers, self.prefetch = workers, prefetch
+        # Images load in parallel threads: a Dataset's load_image/load_mask must be thread-safe.
+        self.workers = workers or min(8, os.cpu_count() or 2)
+        self.prefetch = prefetch
         self.start_step = start_step
 
     def batch_ids(self, step):
         """Image ids of global batch number ``step`` (deterministic)."""
+        n, bs = len(self.dataset.image_ids), self.config.BATCH_SIZE
+        return np.array([self._epoch_order(k // n)[k % n] for k in range(step * bs, (step + 1) * bs)])
+
+    @functools.lru_cache(maxsize=2)
+    def _epoch_order(self, epoch):
         ids = self.dataset.image_ids
-        bs = self.config.BATCH_SIZE
-        out = []
-        pos = step * bs
-        for k in range(pos, pos + bs):
-            epoch, offset = divmod(k, len(ids))
-            order = (np.random.default_rng([self.seed, epoch]).permutation(ids)
-                     if self.shuffle else ids)
-            out.append(order[offset])
-        return np.array(out)
+        return np.random.default_rng([self.seed, epoch]).permutation(ids) if self.shuffle else ids
 
     def __iter__(self):
         q = queue.Queue(maxsize=self.prefetch)

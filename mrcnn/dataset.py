@@ -232,8 +232,3 @@ class Dataset(object):
         if bad.size:
             raise ValueError(f"{what}: class ids {bad.tolist()} out of range [1, {num_classes - 1}] "
                              "(negative ids mark crowds)")
-
-
-############################################################
-#  Resizing
-############################################################

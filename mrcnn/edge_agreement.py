@@ -46,6 +46,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from mrcnn.losses import select_class_masks
+
 log = logging.getLogger(__name__)
 
 # 3x3 edge detection kernels, applied as cross-correlation (like tf.nn.conv2d).
@@ -237,8 +239,7 @@ def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("so
     # Positive ROIs: weight 1, others 0 (static shapes instead of a gather).
     positive = ops.cast(class_ids > 0, "float32")                        # [B, R]
     # Channel of the ground-truth class of each ROI (0 for non-positive ROIs).
-    index = ops.clip(class_ids, 0, num_classes - 1)[:, :, None, None, None]
-    pred = ops.take_along_axis(pred, index, axis=-1)                      # [B, R, H, W, 1]
+    pred = select_class_masks(pred, class_ids)[..., None]                 # [B, R, H, W, 1]
 
     gt = ops.reshape(gt, (-1, h, w, 1))
     pred = ops.reshape(pred, (-1, h, w, 1))

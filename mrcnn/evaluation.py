@@ -421,9 +421,6 @@ def build_coco_results(dataset, image_ids, rois, class_ids, scores, masks):
 #  Reporting
 ############################################################
 
-IOU_TYPES = ("bbox", "segm", "boundary")
-
-
 def detect_dataset(model, dataset, image_ids=None, progress=True, on_image=None):
     """Run ``model.detect`` over dataset images and collect COCO results.
 

@@ -92,8 +92,9 @@ def select_class_masks(pred_masks, target_class_ids):
     Returns [batch, num_rois, height, width].
     """
     num_classes = pred_masks.shape[-1]
-    onehot = ops.one_hot(ops.maximum(ops.cast(target_class_ids, "int32"), 0), num_classes)
-    return ops.sum(pred_masks * onehot[:, :, None, None, :], axis=-1)
+    # Non-positive ids (background, padding, crowds) read channel 0; callers weight them out.
+    index = ops.clip(ops.cast(target_class_ids, "int32"), 0, num_classes - 1)[:, :, None, None, None]
+    return ops.take_along_axis(pred_masks, index, axis=-1)[..., 0]
 
 
 def mrcnn_mask_loss(target_masks, target_class_ids, pred_masks):

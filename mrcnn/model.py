@@ -54,6 +54,9 @@ class MaskRCNN:
     def __init__(self, mode, config, model_dir="logs"):
         if mode not in ("training", "inference"):
             raise ValueError(f"mode must be 'training' or 'inference', got {mode!r}")
+        if mode == "inference" and config.IMAGE_RESIZE_MODE == "crop":
+            raise ValueError(f"{type(config).__name__}: IMAGE_RESIZE_MODE='crop' is for training only; "
+                             "give the inference config IMAGE_RESIZE_MODE='square'")
         self.mode = mode
         self.config = config
         self.model_dir = model_dir
@@ -165,10 +168,13 @@ class MaskRCNN:
         name = (self.config.NAME or "mrcnn").lower()
         if not os.path.isdir(self.model_dir):
             raise FileNotFoundError(f"no model directory {self.model_dir!r}: nothing trained yet")
+        run_dir = re.compile(re.escape(name) + r"\d{8}T\d{6}")
         dirs = sorted(d for d in os.listdir(self.model_dir)
-                      if d.startswith(name) and os.path.isdir(os.path.join(self.model_dir, d)))
+                      if run_dir.fullmatch(d) and os.path.isdir(os.path.join(self.model_dir, d)))
         for d in reversed(dirs):
-            checkpoints = sorted(glob.glob(os.path.join(self.model_dir, d, f"mask_rcnn_{name}_*.weights.h5")))
+            checkpoints = sorted(
+                path for path in glob.glob(os.path.join(self.model_dir, d, f"mask_rcnn_{name}_*.weights.h5"))
+                if (m := CHECKPOINT_RE.search(os.path.basename(path))) and m.group("name") == name)
             if checkpoints:
                 return checkpoints[-1]
         raise FileNotFoundError(f"no checkpoint mask_rcnn_{name}_NNNN.weights.h5 under {self.model_dir!r}")
@@ -195,14 +201,16 @@ class MaskRCNN:
     # -------------------------------------------------------------- training
     def train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
               augmentation=None, custom_callbacks=None, no_augmentation_sources=None,
-              seed=None, workers=2, log_every=10):
+              seed=None, workers=None, log_every=10):
         """Train until ``epochs`` epochs in total have run (continues from ``self.epoch``).
 
         layers: "heads", "3+", "4+", "5+", "all", or a regex of layer names.
         augmentation: None, "fliplr", or ``f(image, masks, rng) -> (image, masks)``.
         custom_callbacks: objects with optional ``on_epoch_begin(epoch)`` /
             ``on_epoch_end(epoch, logs)`` methods (Keras callbacks qualify).
-        seed: fixes weight initialization, ROI sampling and the data order.
+        seed: fixes ROI sampling and the data order (call
+            ``keras.utils.set_random_seed`` before creating the model to fix
+            the initial weights too).
         log_every: steps between rows of ``steps.csv`` (the loss curves).
         Returns the last epoch's logs (losses, val_ losses, ms_per_step).
         """

@@ -24,6 +24,7 @@ import keras
 from mrcnn import losses as L
 from mrcnn.checkpoints import load_optimizer_slots, save_checkpoint
 from mrcnn.data import BatchLoader
+from mrcnn.layers import parse_image_meta_graph
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def compute_losses(inputs, outputs, config, edge_loss=None):
     inputs: the batch dict (mrcnn.data); outputs: the training model's output dict.
     ``mrcnn_mask_edge_loss`` already includes EDGE_LOSS_WEIGHT.
     """
-    active = inputs["input_image_meta"][:, 12:]
+    active = parse_image_meta_graph(inputs["input_image_meta"])["active_class_ids"]
     out = {
         "rpn_class_loss": L.rpn_class_loss(inputs["input_rpn_match"], outputs["rpn_class_logits"]),
         "rpn_bbox_loss": L.rpn_bbox_loss(inputs["input_rpn_match"], inputs["input_rpn_bbox"],
@@ -156,7 +157,7 @@ class Trainer:
             log.info("restored %d optimizer variables from %s", n, checkpoint_path)
 
     def fit(self, train_dataset, val_dataset, epochs, augmentation=None, custom_callbacks=None,
-            workers=2):
+            workers=None):
         m, c = self.m, self.config
         os.makedirs(m.log_dir, exist_ok=True)
         start_epoch = m.epoch
@@ -213,7 +214,7 @@ class Trainer:
             vsums = {}
             vbatches = iter(val_loader)
             for _ in range(c.VALIDATION_STEPS):
-                vals = self._eval_step(next(vbatches), True)
+                vals = self._eval_step(next(vbatches), False)
                 vals = {k: float(v) for k, v in vals.items()}
                 vals["loss"] = float(total_loss(vals, c))
                 for k, v in vals.items():

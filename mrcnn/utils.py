@@ -33,11 +33,8 @@ Fixes relative to matterport
 """
 
 import logging
-import os
 
 import numpy as np
-import skimage.color
-import skimage.io
 import skimage.transform
 
 logger = logging.getLogger(__name__)

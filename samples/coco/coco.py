@@ -72,13 +72,18 @@ BUILTIN = {"train": 400, "size": 128}
 # ---------------------------------------------------------------------------
 
 def _norm(value):
+    from mrcnn.edge_agreement import parse_norm
     try:
-        p = float(value[1:]) if str(value).lower().startswith("l") else float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number >= 1 (or l1..l5)")
-    if not p >= 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: the L^p norm needs p >= 1")
-    return p
+        return parse_norm(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _seed(value):
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: seeds are non-negative integers")
+    return n
 
 
 def _positive_int(value):
@@ -106,7 +111,8 @@ def build_parser():
                         help="logs and checkpoints directory (default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                         help="evaluate on the first N val images (default: all built-in / 500 COCO)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="fixes initial weights, data order and ROI sampling (default: %(default)s)")
     parser.add_argument("--edge-loss", choices=sorted(EDGE_PRESETS), default="none",
                         help="edge agreement filters (default: %(default)s)")
     parser.add_argument("--edge-loss-filters", nargs="+", choices=sorted(FILTERS) + ["sobel"],
@@ -198,6 +204,9 @@ def resolve_weights(model, choice):
             raise FileNotFoundError(
                 f"ImageNet ResNet-50 weights not found at {path}; nothing is downloaded at run time: "
                 f"copy the Keras 2 '{IMAGENET_FILE}' file there or pass --model PATH")
+        if model.config.BACKBONE != "resnet50":
+            log.warning("ImageNet weights are ResNet-50's but BACKBONE is %s: the layers ResNet-50 "
+                        "lacks keep their random initialization", model.config.BACKBONE)
         return path, None
     if not os.path.exists(choice):
         raise FileNotFoundError(f"--model {choice}: no such file")
@@ -221,6 +230,7 @@ def stage_plan(mode, total_steps, steps_per_epoch):
 
 
 def train(args):
+    import keras
     from mrcnn import model as modellib
     root = dataset_root(args)
     config = make_config(args)
@@ -234,6 +244,7 @@ def train(args):
     config.display()
     train_set = load_subset(root, "train", args.year)
     val_set = load_subset(root, "val", args.year)
+    keras.utils.set_random_seed(args.seed)  # before building: fixes the initial weights
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=args.logs)
     path, exclude = resolve_weights(model, args.model)
     if path:
