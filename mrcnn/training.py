@@ -155,6 +155,7 @@ class Trainer:
         n = load_optimizer_slots(checkpoint_path, self.optimizer)
         if n:
             log.info("restored %d optimizer variables from %s", n, checkpoint_path)
+        return n
 
     def fit(self, train_dataset, val_dataset, epochs, augmentation=None, custom_callbacks=None,
             workers=None):

@@ -1,0 +1,47 @@
+"""Checkpoint details: optimizer momentum survives a restart; find_last picks the right run."""
+
+import os
+
+import numpy as np
+
+from mrcnn import model as modellib
+from mrcnn.checkpoints import save_checkpoint
+from mrcnn.data import build_batch
+from mrcnn.training import Trainer, set_trainable
+from tiny import TinyConfig, make_dataset
+from mrcnn.synthetic import CLASS_NAMES
+
+
+class C(TinyConfig):
+    NUM_CLASSES = 1 + len(CLASS_NAMES)
+
+
+def test_momentum_restored_by_a_new_optimizer(tmp_path):
+    config = C()
+    m = modellib.MaskRCNN("training", config, str(tmp_path))
+    set_trainable(m.keras_model, "heads")
+    ds = make_dataset(config.BATCH_SIZE, seed=3)
+    first = Trainer(m, 0.01)
+    first._train_step(build_batch(ds, config, ds.image_ids, seed=0))
+    path = str(tmp_path / "ckpt.weights.h5")
+    save_checkpoint(path, m.keras_model, 1, first.optimizer, config)
+    second = Trainer(m, 0.01)          # Keras names it differently ("sgd_1", ...)
+    momenta = [v for v in first.optimizer.variables if "momentum" in v.path]
+    assert momenta and any(np.abs(v.numpy()).sum() > 0 for v in momenta)
+    restored = second.restore_optimizer(path)
+    assert restored >= len(momenta)
+    by_key = {v.path.split("/", 1)[1]: v.numpy() for v in first.optimizer.variables}
+    for v in second.optimizer.variables:
+        np.testing.assert_array_equal(v.numpy(), by_key[v.path.split("/", 1)[1]])
+
+
+def test_find_last_ignores_runs_of_configs_with_a_longer_name(tmp_path):
+    class Coco(C):
+        NAME = "coco"
+    m = modellib.MaskRCNN("inference", Coco(), str(tmp_path))
+    mine = tmp_path / "coco20260101T000000"
+    other = tmp_path / "coco_builtin20270101T000000"
+    for d, name in ((mine, "coco"), (other, "coco_builtin")):
+        d.mkdir()
+        (d / f"mask_rcnn_{name}_0003.weights.h5").write_bytes(b"")
+    assert m.find_last() == os.path.join(str(mine), "mask_rcnn_coco_0003.weights.h5")
