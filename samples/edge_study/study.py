@@ -114,7 +114,7 @@ def build_parser():
                      help="evaluate on the first K val images (default: all built-in / 500 COCO)")
     run.add_argument("--eval-min-confidence", type=float, default=0.05, metavar="S",
                      help="DETECTION_MIN_CONFIDENCE for the COCO evaluation (default: %(default)s, "
-                          "as COCO evaluations usually use; coco.py's config has 0.5)")
+                          "as Detectron evaluates; coco.py evaluate keeps all detections, 0.0)")
     run.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss rows")
     run.add_argument("--builtin-dir", default=coco.DEFAULT_BUILTIN_DIR, metavar="DIR",
                      help="cache folder of the built-in data (default: %(default)s)")
