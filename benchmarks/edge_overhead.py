@@ -33,6 +33,7 @@ from samples.coco.coco import BuiltinCocoConfig  # noqa: E402
 def make_trainer(filters, log_dir):
     class C(BuiltinCocoConfig):
         EDGE_LOSS_FILTERS = list(filters)
+    C.__name__ = BuiltinCocoConfig.__name__
     keras.utils.set_random_seed(0)
     m = modellib.MaskRCNN("training", C(), log_dir)
     set_trainable(m.keras_model, "all")
