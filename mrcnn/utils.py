@@ -249,6 +249,18 @@ def _cast_like(image, dtype):
     return image.astype(dtype)
 
 
+def _pad_centered(image, height, width):
+    """Zero-pad ``image`` [h, w, ...] to [height, width, ...], centred.
+
+    Returns (image, window (y1, x1, y2, x2) of the original pixels, padding).
+    """
+    h, w = image.shape[:2]
+    top, left = (height - h) // 2, (width - w) // 2
+    padding = [(top, height - h - top), (left, width - w - left), (0, 0)]
+    image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
+    return image, (top, left, h + top, w + left), padding
+
+
 def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square", rng=None):
     """Resizes an image keeping the aspect ratio unchanged.
 
@@ -318,27 +330,12 @@ def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square
         image = resize(image, (round(h * scale), round(w * scale)), preserve_range=True)
 
     if mode == "square":
-        h, w = image.shape[:2]
-        top_pad = (max_dim - h) // 2
-        bottom_pad = max_dim - h - top_pad
-        left_pad = (max_dim - w) // 2
-        right_pad = max_dim - w - left_pad
-        padding = [(top_pad, bottom_pad), (left_pad, right_pad), (0, 0)]
-        image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
-        window = (top_pad, left_pad, h + top_pad, w + left_pad)
+        image, window, padding = _pad_centered(image, max_dim, max_dim)
     elif mode == "pad64":
-        h, w = image.shape[:2]
         if min_dim % 64 != 0:
             raise ValueError(f"resize_image: min_dim ({min_dim}) must be a multiple of 64 in mode 'pad64'")
-        max_h = -(-h // 64) * 64
-        max_w = -(-w // 64) * 64
-        top_pad = (max_h - h) // 2
-        bottom_pad = max_h - h - top_pad
-        left_pad = (max_w - w) // 2
-        right_pad = max_w - w - left_pad
-        padding = [(top_pad, bottom_pad), (left_pad, right_pad), (0, 0)]
-        image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
-        window = (top_pad, left_pad, h + top_pad, w + left_pad)
+        h, w = image.shape[:2]
+        image, window, padding = _pad_centered(image, -(-h // 64) * 64, -(-w // 64) * 64)
     else:  # crop
         h, w = image.shape[:2]
         if h < min_dim or w < min_dim:  # only possible when min_scale < 1 forced a downscale

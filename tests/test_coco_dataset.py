@@ -11,6 +11,7 @@ from pycocotools import mask as maskUtils
 
 from mrcnn import coco_dataset
 from mrcnn.coco_dataset import CocoDataset
+from tiny import uncompressed_rle
 
 H, W = 48, 40   # not square, to catch transposed masks
 
@@ -31,17 +32,6 @@ def rect_polygon(y1, x1, y2, x2):
     return [[x1, y1, x2, y1, x2, y2, x1, y2]]
 
 
-def uncompressed_rle(mask):
-    flat = mask.astype(np.uint8).flatten(order="F")   # COCO RLE is column-major
-    counts, current, run = [], 0, 0
-    for v in flat:
-        if v == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = v, 1
-    counts.append(run)
-    return {"size": [H, W], "counts": counts}
 
 
 def compressed_rle(mask):

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mrcnn import evaluation
+from tiny import uncompressed_rle
 
 SIZE = 64
 
@@ -39,18 +40,6 @@ def rle_str(mask):
     return rle
 
 
-def uncompressed_rle(mask):
-    """COCO uncompressed RLE (column-major run lengths, starting with zeros)."""
-    flat = mask.astype(np.uint8).flatten(order="F")
-    counts, current, run = [], 0, 0
-    for v in flat:
-        if v == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = v, 1
-    counts.append(run)
-    return {"size": list(mask.shape), "counts": counts}
 
 
 def make_coco(images, categories, annotations):

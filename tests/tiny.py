@@ -40,3 +40,18 @@ def make_dataset(count=8, seed=0, size=64, split="train"):
     ds.load_shapes(count, size, size, seed=seed, split=split)
     ds.prepare()
     return ds
+
+
+def uncompressed_rle(mask):
+    """COCO uncompressed RLE of a [H, W] mask (column-major run lengths, starting with zeros),
+    written independently of pycocotools for the tests."""
+    flat = np.asarray(mask).astype(np.uint8).flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v == current:
+            run += 1
+        else:
+            counts.append(run)
+            current, run = v, 1
+    counts.append(run)
+    return {"size": list(np.asarray(mask).shape), "counts": counts}

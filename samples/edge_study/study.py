@@ -70,13 +70,6 @@ EDGE_MAP_SEEDS = (0,)
 # Command line
 # ---------------------------------------------------------------------------
 
-def _positive_int(value):
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be a positive integer")
-    return n
-
-
 def _config_override(text):
     """KEY=VALUE with VALUE a Python literal (else a string): (KEY, value)."""
     if "=" not in text:
@@ -102,23 +95,23 @@ def build_parser():
     run.add_argument("--arms", nargs="+", choices=list(S.ARMS), metavar="ARM",
                      default=["baseline", "sobel", "laplace", "sobel+laplace"],
                      help=f"arms to run (default: %(default)s); valid: {', '.join(S.ARMS)}")
-    run.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
-    run.add_argument("--steps", type=_positive_int, required=True, help="training steps per run")
-    run.add_argument("--epochs", type=_positive_int, default=5,
+    run.add_argument("--seeds", type=coco._positive_int, default=3, help="seeds 0..N-1 (default: 3)")
+    run.add_argument("--steps", type=coco._positive_int, required=True, help="training steps per run")
+    run.add_argument("--epochs", type=coco._positive_int, default=5,
                      help="epochs (= checkpoints) the steps are split into (default: 5)")
     run.add_argument("--dataset", default="builtin", metavar="builtin|DIR",
                      help="'builtin' (synthetic COCO-format data) or a COCO root folder")
     run.add_argument("--year", choices=["2014", "2017"], default="2017")
     run.add_argument("--out", required=True, metavar="RUN_DIR", help="study folder")
-    run.add_argument("--eval-limit", type=_positive_int, default=None, metavar="K",
+    run.add_argument("--eval-limit", type=coco._positive_int, default=None, metavar="K",
                      help="evaluate on the first K val images (default: all built-in / 500 COCO)")
     run.add_argument("--eval-min-confidence", type=float, default=0.05, metavar="S",
                      help="DETECTION_MIN_CONFIDENCE for the COCO evaluation (default: %(default)s, "
                           "as Detectron evaluates; coco.py evaluate keeps all detections, 0.0)")
-    run.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss rows")
+    run.add_argument("--log-every", type=coco._positive_int, default=10, help="steps between loss rows")
     run.add_argument("--builtin-dir", default=coco.DEFAULT_BUILTIN_DIR, metavar="DIR",
                      help="cache folder of the built-in data (default: %(default)s)")
-    run.add_argument("--builtin-images", type=_positive_int, default=coco.BUILTIN["train"], metavar="N",
+    run.add_argument("--builtin-images", type=coco._positive_int, default=coco.BUILTIN["train"], metavar="N",
                      help="built-in data: N train and N/4 val images, as coco.py (default: %(default)s)")
     run.add_argument("--set", type=_config_override, action="append", default=[], metavar="KEY=VALUE",
                      dest="overrides", help="config override for all arms, e.g. IMAGES_PER_GPU=2")
