@@ -309,17 +309,18 @@ def test_ensure_coco_dataset_caches_and_regenerates(tmp_path, monkeypatch):
 
     # An interrupted generation leaves no stamp and no temporary folder, and
     # is redone by the next ensure_coco_dataset.
-    real = synthetic.render_image
+    from mrcnn import synthetic_coco
+    real = synthetic_coco.render_image
 
     def failing(seed, index, *args, **kwargs):
         if index == 2:
             raise KeyboardInterrupt
         return real(seed, index, *args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "render_image", failing)
+    monkeypatch.setattr(synthetic_coco, "render_image", failing)
     with pytest.raises(KeyboardInterrupt):
         ensure_coco_dataset(tmp_path, subset="train", count=5, seed=1, progress=False)
-    monkeypatch.setattr(synthetic, "render_image", real)
+    monkeypatch.setattr(synthetic_coco, "render_image", real)
     assert not os.path.exists(os.path.join(tmp_path, ".synthetic_train2017.json"))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
     ensure_coco_dataset(tmp_path, subset="train", count=5, seed=1, progress=False)
