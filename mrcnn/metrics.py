@@ -213,3 +213,20 @@ def compute_recall(pred_boxes, gt_boxes, iou):
     matched_gt_boxes = iou_argmax[positive_ids]
     recall = len(set(matched_gt_boxes.tolist())) / gt_boxes.shape[0]
     return recall, positive_ids
+
+
+def image_ap(dataset, image_id, result, iou_threshold=0.5):
+    """matterport's AP of one ``detect`` result against the dataset's ground truth.
+
+    result: ``{"rois", "class_ids", "scores", "masks"}`` in original-image pixels.
+    Crowd instances (negative class ids) are left out. Returns None when the
+    image has neither ground truth nor detections (nothing to score).
+    """
+    from mrcnn.utils import extract_bboxes
+    gt_masks, gt_class_ids = dataset.load_mask(image_id)
+    keep = gt_class_ids > 0
+    if not keep.any() and not len(result["class_ids"]):
+        return None
+    gt_masks, gt_class_ids = gt_masks[:, :, keep], gt_class_ids[keep]
+    return compute_ap(extract_bboxes(gt_masks), gt_class_ids, gt_masks, result["rois"],
+                      result["class_ids"], result["scores"], result["masks"], iou_threshold)[0]

@@ -29,7 +29,7 @@ from keras import layers as KL, ops
 from mrcnn import utils
 from mrcnn.anchors import build_rpn_targets, compute_backbone_shapes, get_anchors as _get_anchors  # noqa: F401
 from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph  # noqa: F401
-from mrcnn.checkpoints import load_into, read_epoch
+from mrcnn.checkpoints import load_into, read_epoch, save_checkpoint
 from mrcnn.data import (compose_image_meta, load_image_gt, mold_image, mold_inputs,  # noqa: F401
                         parse_image_meta, unmold_image)
 from mrcnn.edge_agreement import EdgeAgreementLoss  # noqa: F401
@@ -195,7 +195,6 @@ class MaskRCNN:
 
     def save_weights(self, filepath):
         """Write the current weights in our checkpoint format (atomically)."""
-        from mrcnn.checkpoints import save_checkpoint
         save_checkpoint(filepath, self.keras_model, self.epoch, config=self.config)
 
     # -------------------------------------------------------------- training

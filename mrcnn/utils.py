@@ -170,6 +170,13 @@ def non_max_suppression(boxes, scores, threshold):
     return np.array(pick, dtype=np.int32)
 
 
+def _box_geometry(boxes):
+    """(height, width, center_y, center_x) of boxes [N, (y1, x1, y2, x2)]."""
+    height = boxes[:, 2] - boxes[:, 0]
+    width = boxes[:, 3] - boxes[:, 1]
+    return height, width, boxes[:, 0] + 0.5 * height, boxes[:, 1] + 0.5 * width
+
+
 def apply_box_deltas(boxes, deltas):
     """Apply refinement deltas to pixel boxes.
 
@@ -180,10 +187,7 @@ def apply_box_deltas(boxes, deltas):
     """
     boxes = np.asarray(boxes, dtype=np.float32)
     deltas = np.asarray(deltas, dtype=np.float32)
-    height = boxes[:, 2] - boxes[:, 0]
-    width = boxes[:, 3] - boxes[:, 1]
-    center_y = boxes[:, 0] + 0.5 * height
-    center_x = boxes[:, 1] + 0.5 * width
+    height, width, center_y, center_x = _box_geometry(boxes)
     center_y = center_y + deltas[:, 0] * height
     center_x = center_x + deltas[:, 1] * width
     height = height * np.exp(deltas[:, 2])
@@ -203,14 +207,8 @@ def box_refinement(box, gt_box):
     """
     box = np.asarray(box, dtype=np.float32)
     gt_box = np.asarray(gt_box, dtype=np.float32)
-    height = box[:, 2] - box[:, 0]
-    width = box[:, 3] - box[:, 1]
-    center_y = box[:, 0] + 0.5 * height
-    center_x = box[:, 1] + 0.5 * width
-    gt_height = gt_box[:, 2] - gt_box[:, 0]
-    gt_width = gt_box[:, 3] - gt_box[:, 1]
-    gt_center_y = gt_box[:, 0] + 0.5 * gt_height
-    gt_center_x = gt_box[:, 1] + 0.5 * gt_width
+    height, width, center_y, center_x = _box_geometry(box)
+    gt_height, gt_width, gt_center_y, gt_center_x = _box_geometry(gt_box)
     dy = (gt_center_y - center_y) / height
     dx = (gt_center_x - center_x) / width
     dh = np.log(gt_height / height)

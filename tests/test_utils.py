@@ -586,3 +586,29 @@ def test_dataset_default_load_mask_warns(caplog):
     assert "load_mask" in caplog.text
     assert mask.dtype == bool and mask.shape == (0, 0, 0)
     assert class_ids.dtype == np.int32 and class_ids.shape == (0,)
+
+
+def test_image_ap_scores_detect_results_and_ignores_crowds():
+    from mrcnn import metrics
+
+    class Two(utils.Dataset):
+        def __init__(self, masks, ids):
+            super().__init__()
+            self.masks, self.ids = masks, ids
+
+        def load_mask(self, image_id):
+            return self.masks, self.ids
+
+    masks = np.zeros((20, 20, 2), bool)
+    masks[2:8, 2:8, 0] = True
+    masks[10:18, 10:18, 1] = True
+    boxes = utils.extract_bboxes(masks)
+    perfect = {"rois": boxes[:1], "class_ids": np.array([1]), "scores": np.array([0.9]),
+               "masks": masks[:, :, :1]}
+    # The second instance is a crowd (negative id): not counted as missed.
+    assert metrics.image_ap(Two(masks, np.array([1, -1])), 0, perfect) == 1.0
+    # Counted when it is a normal instance: one of two found -> AP 0.5.
+    assert metrics.image_ap(Two(masks, np.array([1, 1])), 0, perfect) == 0.5
+    empty = {"rois": np.zeros((0, 4)), "class_ids": np.zeros(0, int), "scores": np.zeros(0),
+             "masks": np.zeros((20, 20, 0), bool)}
+    assert metrics.image_ap(Two(masks[:, :, :0], np.zeros(0, int)), 0, empty) is None

@@ -272,7 +272,7 @@ def train(args):
 
 
 def evaluate(args):
-    from mrcnn import evaluation, model as modellib, utils, visualize
+    from mrcnn import evaluation, metrics, model as modellib, visualize
     root = dataset_root(args)
     config = make_config(args, inference=True)
     limit = args.limit or (None if args.dataset is None else 500)
@@ -295,12 +295,9 @@ def evaluate(args):
     aps = []
 
     def score_and_draw(image_id, image, r):
-        gt_masks, gt_class_ids = dataset.load_mask(image_id)
-        keep = gt_class_ids > 0  # matterport's mAP@0.5 ignores crowds
-        if keep.any() or len(r["class_ids"]):
-            gt_masks, gt_class_ids = gt_masks[:, :, keep], gt_class_ids[keep]
-            aps.append(utils.compute_ap(utils.extract_bboxes(gt_masks), gt_class_ids, gt_masks,
-                                        r["rois"], r["class_ids"], r["scores"], r["masks"])[0])
+        ap = metrics.image_ap(dataset, image_id, r)
+        if ap is not None:
+            aps.append(ap)
         if image_id in image_ids[:args.figures]:
             visualize.display_instances(image, r["rois"], r["masks"], r["class_ids"], dataset.class_names,
                                         r["scores"], title=f"image {dataset.image_info[image_id]['id']}",
@@ -313,7 +310,7 @@ def evaluate(args):
     map50 = float(np.mean(aps)) if aps else 0.0
     print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images "
           f"({1000 * seconds / max(1, len(image_ids)):.0f} ms/image detect):\n{table}\n"
-          f"mAP@0.5 (matterport utils.compute_ap, mean over {len(aps)} images): "
+          f"mAP@0.5 (matterport compute_ap, mean over {len(aps)} images): "
           f"{map50:.3f}")
     with open(stem + "_detections.json", "w") as f:
         json.dump(results, f)

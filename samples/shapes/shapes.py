@@ -90,7 +90,7 @@ def main(argv=None):
     import argparse
     import logging
 
-    from mrcnn import model as modellib, utils, visualize
+    from mrcnn import metrics, model as modellib, visualize
 
     p = argparse.ArgumentParser(description="Mask R-CNN on the synthetic shapes sample")
     p.add_argument("--epochs", type=int, default=8)
@@ -128,10 +128,10 @@ def main(argv=None):
     aps = []
     for image_id in val.image_ids:
         image = val.load_image(image_id)
-        gt_masks, gt_class_ids = val.load_mask(image_id)
         r = model.detect([image])[0]
-        aps.append(utils.compute_ap(utils.extract_bboxes(gt_masks), gt_class_ids, gt_masks,
-                                    r["rois"], r["class_ids"], r["scores"], r["masks"])[0])
+        ap = metrics.image_ap(val, image_id, r)
+        if ap is not None:
+            aps.append(ap)
         if image_id == 0:
             png = os.path.join(os.path.dirname(checkpoint), "shapes_detections.png")
             visualize.display_instances(image, r["rois"], r["masks"], r["class_ids"], val.class_names,
