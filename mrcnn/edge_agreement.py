@@ -11,7 +11,7 @@ absent from the inference model)::
                                        or padding) and negative ids are ignored
     pred_masks       [B, R, H, W, C]   sigmoid probabilities, one map per class
           |
-          |  pick channel target_class_ids[b, r] of pred_masks  (take_along_axis,
+          |  pick channel target_class_ids[b, r] of pred_masks  (one-hot product,
           |  static shapes, no gather of the positive ROIs: XLA-friendly)
           v
     pred [B*R, H, W, 1], gt [B*R, H, W, 1]
@@ -211,7 +211,7 @@ def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("so
     target_class_ids: [B, R] int; > 0 marks a positive ROI, 0 (background or
         padding) and negative ids are ignored.
     pred_masks: [B, R, H, W, C] sigmoid probabilities; for each ROI the channel
-        of its ground-truth class is used.
+        of its ground-truth class is used. [B, R, H, W] means already selected.
     filters: kernel names (see `filter_names`); norm: p >= 1 or "l1".."l5";
     weight: factor alpha of the loss.
     smoothing_gt / smoothing_predictions: 3x3 Gaussian (sigma 1) smoothing of
@@ -231,15 +231,16 @@ def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("so
     gt = ops.round(ops.cast(ops.convert_to_tensor(target_masks), "float32"))
     class_ids = ops.cast(ops.convert_to_tensor(target_class_ids), "int32")
     pred = ops.cast(ops.convert_to_tensor(pred_masks), "float32")
-    num_classes = pred.shape[-1]
     h, w = pred.shape[2], pred.shape[3]
-    if h is None or w is None or num_classes is None:
+    if h is None or w is None or (len(pred.shape) == 5 and pred.shape[-1] is None):
         raise ValueError(f"pred_masks needs static mask and class dimensions, got {pred.shape}")
 
     # Positive ROIs: weight 1, others 0 (static shapes instead of a gather).
     positive = ops.cast(class_ids > 0, "float32")                        # [B, R]
     # Channel of the ground-truth class of each ROI (0 for non-positive ROIs).
-    pred = select_class_masks(pred, class_ids)[..., None]                 # [B, R, H, W, 1]
+    if len(pred.shape) == 5:
+        pred = select_class_masks(pred, class_ids)
+    pred = pred[..., None]                                                # [B, R, H, W, 1]
 
     gt = ops.reshape(gt, (-1, h, w, 1))
     pred = ops.reshape(pred, (-1, h, w, 1))

@@ -6,6 +6,12 @@ layer in ``TimeDistributed``; here the ROI axis is folded into the batch axis
 same computation with plain layers. Layer names (``rpn_conv_shared``,
 ``mrcnn_class_conv1``, ``mrcnn_mask_bn4``, ...) and weight shapes are
 matterport's, so its ``.h5`` weights load by name.
+
+Each head is an object that owns its layers and can be called more than once:
+on symbolic tensors while the Keras model is built, and on concrete tensors
+(with a dynamic number of ROIs) by ``MaskRCNN.detect``, which runs the mask
+head on the real detections only. The output layers (logits, deltas) compute
+in float32 under mixed precision.
 """
 
 from keras import layers, ops
@@ -18,23 +24,25 @@ class RPNHead:
     """Region Proposal Network head, shared by all pyramid levels.
 
     Call on one feature map [batch, height, width, depth]; returns
-        rpn_class_logits: [batch, height * width * anchors_per_location, 2]
+        rpn_class_logits: [batch, height * width * anchors_per_location, 2] float32
         rpn_probs: same shape, softmax over (background, foreground)
-        rpn_bbox: [batch, height * width * anchors_per_location, (dy, dx, log(dh), log(dw))]
+        rpn_bbox: [batch, height * width * anchors_per_location, (dy, dx, log(dh), log(dw))] float32
+    channels: width of the shared 3x3 convolution (matterport: 512; torchvision
+    and Detectron: the FPN width, 256).
     """
 
-    def __init__(self, anchors_per_location, anchor_stride, depth):
+    def __init__(self, anchors_per_location, anchor_stride, depth=None, channels=512):
         self.anchors_per_location = anchors_per_location
-        self.shared = layers.Conv2D(512, 3, padding="same", activation="relu",
+        self.shared = layers.Conv2D(channels, 3, padding="same", activation="relu",
                                     strides=anchor_stride, name="rpn_conv_shared")
-        self.class_raw = layers.Conv2D(2 * anchors_per_location, 1, name="rpn_class_raw")
-        self.bbox_pred = layers.Conv2D(4 * anchors_per_location, 1, name="rpn_bbox_pred")
+        self.class_raw = layers.Conv2D(2 * anchors_per_location, 1, name="rpn_class_raw", dtype="float32")
+        self.bbox_pred = layers.Conv2D(4 * anchors_per_location, 1, name="rpn_bbox_pred", dtype="float32")
 
     def __call__(self, feature_map):
         shared = self.shared(feature_map)
         batch = feature_map.shape[0]
         logits = ops.reshape(self.class_raw(shared), (batch, -1, 2))
-        probs = layers.Activation("softmax")(logits)
+        probs = layers.Activation("softmax", dtype="float32")(logits)
         bbox = ops.reshape(self.bbox_pred(shared), (batch, -1, 4))
         return logits, probs, bbox
 
@@ -44,60 +52,87 @@ def _fold(x):
     return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
 
 
-def _unfold(x, batch, rois):
+def _unfold(x, batch):
     """[batch * rois, ...] -> [batch, rois, ...]"""
-    return ops.reshape(x, (batch, rois) + tuple(x.shape[1:]))
+    return ops.reshape(x, (batch, -1) + tuple(x.shape[1:]))
+
+
+class BoxHead:
+    """Box/class head: RoIAlign, two 1024-wide "fully connected" layers (as
+    convolutions, matterport's layout), class logits and class-specific deltas.
+
+    Call with rois [batch, num_rois, (y1, x1, y2, x2)] normalized and
+    feature_maps [P2, P3, P4, P5]; returns
+        mrcnn_class_logits: [batch, num_rois, num_classes] float32
+        mrcnn_probs: [batch, num_rois, num_classes] softmax
+        mrcnn_bbox: [batch, num_rois, num_classes, (dy, dx, log(dh), log(dw))] float32
+    """
+
+    def __init__(self, image_shape, pool_size, num_classes, train_bn=False, fc_layers_size=1024,
+                 roi_align="aligned", method="crop_and_resize", compute_dtype=None):
+        self.num_classes = num_classes
+        self.fc_layers_size = fc_layers_size
+        self.roi_align = PyramidROIAlign((pool_size, pool_size), image_shape, mode=roi_align,
+                                         method=method, out_dtype=compute_dtype,
+                                         name="roi_align_classifier")
+        self.conv1 = layers.Conv2D(fc_layers_size, pool_size, padding="valid", name="mrcnn_class_conv1")
+        self.bn1 = BatchNorm(train_bn, name="mrcnn_class_bn1")
+        self.conv2 = layers.Conv2D(fc_layers_size, 1, name="mrcnn_class_conv2")
+        self.bn2 = BatchNorm(train_bn, name="mrcnn_class_bn2")
+        self.logits = layers.Dense(num_classes, name="mrcnn_class_logits", dtype="float32")
+        self.bbox = layers.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc", dtype="float32")
+
+    def __call__(self, rois, feature_maps):
+        batch = rois.shape[0]
+        x = _fold(self.roi_align([rois] + list(feature_maps)))
+        x = ops.relu(self.bn1(self.conv1(x)))
+        x = ops.relu(self.bn2(self.conv2(x)))
+        shared = ops.reshape(x, (-1, self.fc_layers_size))
+        logits = self.logits(shared)
+        probs = ops.softmax(logits, axis=-1)
+        bbox = self.bbox(shared)
+        return (_unfold(logits, batch), _unfold(probs, batch),
+                ops.reshape(bbox, (batch, -1, self.num_classes, 4)))
+
+
+class MaskHead:
+    """Mask head: RoIAlign, four 3x3 convolutions, a 2x deconvolution and a
+    1x1 convolution to one mask logit map per class.
+
+    Call with rois [batch, num_rois, (y1, x1, y2, x2)] normalized and
+    feature_maps [P2, P3, P4, P5]; returns mask logits
+    [batch, num_rois, 2 * pool_size, 2 * pool_size, num_classes] float32
+    (``ops.sigmoid`` gives the probabilities; the loss uses the logits).
+    In training it runs on the positive ROI slots only, at inference on the
+    detections.
+    """
+
+    def __init__(self, image_shape, pool_size, num_classes, train_bn=False, channels=256,
+                 roi_align="aligned", method="crop_and_resize", compute_dtype=None):
+        self.roi_align = PyramidROIAlign((pool_size, pool_size), image_shape, mode=roi_align,
+                                         method=method, out_dtype=compute_dtype, name="roi_align_mask")
+        self.convs = [(layers.Conv2D(channels, 3, padding="same", name=f"mrcnn_mask_conv{i}"),
+                       BatchNorm(train_bn, name=f"mrcnn_mask_bn{i}")) for i in range(1, 5)]
+        self.deconv = layers.Conv2DTranspose(channels, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")
+        # matterport's "mrcnn_mask" had a sigmoid activation; the weights are the same.
+        self.logits = layers.Conv2D(num_classes, 1, name="mrcnn_mask", dtype="float32")
+
+    def __call__(self, rois, feature_maps):
+        batch = rois.shape[0]
+        x = _fold(self.roi_align([rois] + list(feature_maps)))
+        for conv, bn in self.convs:
+            x = ops.relu(bn(conv(x)))
+        return _unfold(self.logits(self.deconv(x)), batch)
 
 
 def fpn_classifier_graph(rois, feature_maps, image_shape, pool_size, num_classes,
                          train_bn=False, fc_layers_size=1024):
-    """Box/class head.
-
-    rois: [batch, num_rois, (y1, x1, y2, x2)] normalized
-    feature_maps: [P2, P3, P4, P5]
-    Returns:
-        mrcnn_class_logits: [batch, num_rois, num_classes]
-        mrcnn_probs: [batch, num_rois, num_classes] softmax
-        mrcnn_bbox: [batch, num_rois, num_classes, (dy, dx, log(dh), log(dw))]
-    """
-    batch, num_rois = rois.shape[0], rois.shape[1]
-    x = PyramidROIAlign((pool_size, pool_size), image_shape, name="roi_align_classifier")(
-        [rois] + feature_maps)
-    x = _fold(x)
-    # Two "fully connected" layers as convolutions (matterport's layout).
-    x = layers.Conv2D(fc_layers_size, pool_size, padding="valid", name="mrcnn_class_conv1")(x)
-    x = BatchNorm(train_bn, name="mrcnn_class_bn1")(x)
-    x = layers.Activation("relu")(x)
-    x = layers.Conv2D(fc_layers_size, 1, name="mrcnn_class_conv2")(x)
-    x = BatchNorm(train_bn, name="mrcnn_class_bn2")(x)
-    x = layers.Activation("relu")(x)
-    shared = ops.reshape(x, (-1, fc_layers_size))
-    logits = layers.Dense(num_classes, name="mrcnn_class_logits")(shared)
-    probs = layers.Activation("softmax", name="mrcnn_class")(logits)
-    bbox = layers.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc")(shared)
-    logits = _unfold(logits, batch, num_rois)
-    probs = _unfold(probs, batch, num_rois)
-    bbox = ops.reshape(bbox, (batch, num_rois, num_classes, 4))
-    return logits, probs, bbox
+    """matterport's function: build a ``BoxHead`` and apply it (see ``BoxHead``)."""
+    return BoxHead(image_shape, pool_size, num_classes, train_bn, fc_layers_size)(rois, feature_maps)
 
 
 def build_fpn_mask_graph(rois, feature_maps, image_shape, pool_size, num_classes, train_bn=False,
                          channels=256):
-    """Mask head.
-
-    rois: [batch, num_rois, (y1, x1, y2, x2)] normalized
-    Returns mrcnn_mask: [batch, num_rois, 2 * pool_size, 2 * pool_size, num_classes],
-    sigmoid probabilities, one mask per class.
-    """
-    batch, num_rois = rois.shape[0], rois.shape[1]
-    x = PyramidROIAlign((pool_size, pool_size), image_shape, name="roi_align_mask")(
-        [rois] + feature_maps)
-    x = _fold(x)
-    for i in range(1, 5):
-        x = layers.Conv2D(channels, 3, padding="same", name=f"mrcnn_mask_conv{i}")(x)
-        x = BatchNorm(train_bn, name=f"mrcnn_mask_bn{i}")(x)
-        x = layers.Activation("relu")(x)
-    x = layers.Conv2DTranspose(channels, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
-    x = layers.Conv2D(num_classes, 1, activation="sigmoid", name="mrcnn_mask")(x)
-    return _unfold(x, batch, num_rois)
-
+    """matterport's function: mask probabilities [batch, num_rois, 2 * pool_size,
+    2 * pool_size, num_classes] of a new ``MaskHead``."""
+    return ops.sigmoid(MaskHead(image_shape, pool_size, num_classes, train_bn, channels)(rois, feature_maps))

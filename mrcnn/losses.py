@@ -1,7 +1,9 @@
 """The five Mask R-CNN losses (the edge loss lives in mrcnn.edge_agreement).
 
 All losses are means over the elements that count, computed with static shapes
-(0/1 weights instead of dynamic gathers), and are exactly 0 when nothing counts.
+(0/1 weights instead of dynamic gathers) in float32, and are exactly 0 when
+nothing counts. The mask loss takes logits (numerically stable binary
+cross-entropy).
 matterport defects fixed here: zero-padded ROIs no longer count as background
 in ``mrcnn_class_loss``; the RPN box targets are dense, so no batch packing.
 """
@@ -19,6 +21,13 @@ def binary_crossentropy(target, prob, eps=1e-7):
     """Element-wise binary cross-entropy of probabilities (clipped to [eps, 1 - eps])."""
     prob = ops.clip(prob, eps, 1. - eps)
     return -(target * ops.log(prob) + (1. - target) * ops.log(1. - prob))
+
+
+def binary_crossentropy_with_logits(target, logits):
+    """Element-wise binary cross-entropy of logits, computed stably as
+    ``max(x, 0) - x t + log(1 + exp(-|x|))``: finite for any logit, and its
+    gradient ``sigmoid(x) - t`` never vanishes where the sigmoid saturates."""
+    return ops.relu(logits) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
 
 
 def _safe_mean(values, weights):
@@ -89,23 +98,28 @@ def select_class_masks(pred_masks, target_class_ids):
 
     pred_masks: [batch, num_rois, height, width, num_classes]
     target_class_ids: [batch, num_rois]
-    Returns [batch, num_rois, height, width].
+    Returns [batch, num_rois, height, width]. Non-positive ids (background,
+    padding, crowds) read channel 0; callers weight them out. A one-hot
+    product rather than a gather: its gradient is dense and cheap.
     """
     num_classes = pred_masks.shape[-1]
-    # Non-positive ids (background, padding, crowds) read channel 0; callers weight them out.
-    index = ops.clip(ops.cast(target_class_ids, "int32"), 0, num_classes - 1)[:, :, None, None, None]
-    return ops.take_along_axis(pred_masks, index, axis=-1)[..., 0]
+    index = ops.clip(ops.cast(target_class_ids, "int32"), 0, num_classes - 1)
+    onehot = ops.one_hot(index, num_classes, dtype=pred_masks.dtype)[:, :, None, None, :]
+    return ops.sum(pred_masks * onehot, axis=-1)
 
 
-def mrcnn_mask_loss(target_masks, target_class_ids, pred_masks):
-    """Binary cross-entropy of positive ROIs' masks of their class.
+def mrcnn_mask_loss(target_masks, target_class_ids, pred_mask_logits):
+    """Binary cross-entropy (on logits) of positive ROIs' masks of their class.
 
     target_masks: [batch, num_rois, height, width] 0/1
     target_class_ids: [batch, num_rois]
-    pred_masks: [batch, num_rois, height, width, num_classes] sigmoid probabilities
+    pred_mask_logits: [batch, num_rois, height, width, num_classes] logits, or
+        [batch, num_rois, height, width] already of the target class.
     """
-    pred = select_class_masks(pred_masks, target_class_ids)
-    bce = binary_crossentropy(ops.cast(target_masks, pred.dtype), pred)
+    logits = ops.cast(pred_mask_logits, "float32")
+    if len(logits.shape) == 5:
+        logits = select_class_masks(logits, target_class_ids)
+    bce = binary_crossentropy_with_logits(ops.cast(target_masks, "float32"), logits)
     weights = _positive(target_class_ids)[:, :, None, None] * ops.ones_like(bce)
     return _safe_mean(bce, weights)
 
