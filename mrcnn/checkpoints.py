@@ -3,8 +3,9 @@
 Our checkpoint format (``mask_rcnn_<name>_<epoch:04d>.weights.h5``) stores every
 layer's weights by layer name, so a checkpoint loads by name into a training or
 an inference model (or a model with different heads, with ``exclude``), plus the
-optimizer's slots by variable path, so that resumed training continues with the
-same momentum. Files are written to a temporary name and renamed: a crash never
+optimizer's momentum slots by variable path, so that resumed training continues
+with the same momentum (the learning rate is not restored: each ``train()``
+call runs at the rate and schedule it is given). Files are written to a temporary name and renamed: a crash never
 leaves a half-written checkpoint behind.
 """
 
@@ -155,14 +156,26 @@ def _slot_key(variable):
     return variable.path.split("/", 1)[-1].replace("/", "|")
 
 
+def _slots(optimizer):
+    """The optimizer's per-weight state (momentum), without its step counter
+    and learning rate: a train() call runs at the rate it is given."""
+    skip = {id(optimizer.iterations)}
+    lr = getattr(optimizer, "_learning_rate", None)
+    if lr is not None:
+        skip.add(id(lr))
+    return [v for v in optimizer.variables
+            if id(v) not in skip and not v.path.endswith(("/iteration", "/learning_rate"))]
+
+
 def load_optimizer_slots(path, optimizer):
-    """Restore optimizer variables whose paths match those stored in ``path``."""
+    """Restore the optimizer's momentum slots whose paths match those stored
+    in ``path`` (never its learning rate or iteration count)."""
     with h5py.File(path, "r") as f:
         if f.attrs.get("format") != FORMAT or "optimizer" not in f:
             return 0
         g = f["optimizer"]
         restored = 0
-        for v in optimizer.variables:
+        for v in _slots(optimizer):
             key = _slot_key(v)
             if key in g and tuple(g[key].shape) == tuple(v.shape):
                 v.assign(g[key][()])

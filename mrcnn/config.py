@@ -11,6 +11,7 @@ The Edge Agreement Loss fields (``EDGE_LOSS_*``) are described in
 `mrcnn.edge_agreement` and in the paper, sections 3-5.
 """
 
+import copy
 import logging
 
 import numpy as np
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "resnet101", "resnet_small")
 RESIZE_MODES = ("square", "crop")
+ROI_ALIGN_MODES = ("aligned", "matterport")
+DETECTION_MODES = ("matterport", "coco")
+LR_SCHEDULES = ("constant", "step", "cosine")
+MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16")
 
 
 class Config:
@@ -49,6 +54,10 @@ class Config:
 
     # Number of classes including background.
     NUM_CLASSES = 1
+
+    # Width of the RPN's shared 3x3 convolution (matterport: 512; torchvision
+    # and Detectron use the FPN width, 256).
+    RPN_CONV_CHANNELS = 512
 
     # Anchor side lengths in pixels, one per FPN level, and their aspect ratios.
     RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
@@ -88,6 +97,13 @@ class Config:
     # from the first step, which matters most when training from scratch.
     TRAIN_ROIS_INCLUDE_GT = True
 
+    # RoIAlign sampling. "aligned": the Mask R-CNN paper's RoIAlign (2x2
+    # bilinear samples per bin, half-pixel-aligned coordinates, FPN level
+    # floor(4 + log2(sqrt(wh) / 224))). "matterport": one corner-aligned
+    # sample per bin and matterport's level rounding; use it for weights
+    # trained with matterport's code so that they behave as before.
+    ROI_ALIGN = "aligned"
+
     # RoIAlign output sizes for the classifier and the mask head.
     POOL_SIZE = 7
     MASK_POOL_SIZE = 14
@@ -102,6 +118,11 @@ class Config:
     BBOX_STD_DEV = np.array([0.1, 0.1, 0.2, 0.2])
 
     # Detections kept per image, minimum score and per-class NMS threshold.
+    # DETECTION_MODE "matterport": each ROI is a candidate for its top class
+    # only; "coco": for every class above DETECTION_MIN_CONFIDENCE, as COCO
+    # results are usually produced (with 0.05 and NMS 0.5; see
+    # samples/coco/coco.py evaluate).
+    DETECTION_MODE = "matterport"
     DETECTION_MAX_INSTANCES = 100
     DETECTION_MIN_CONFIDENCE = 0.7
     DETECTION_NMS_THRESHOLD = 0.3
@@ -110,6 +131,17 @@ class Config:
     LEARNING_RATE = 0.001
     LEARNING_MOMENTUM = 0.9
     WEIGHT_DECAY = 0.0001
+    # The rate at global step s (counted over all train() calls, resumes
+    # included) is learning_rate x warm-up(s) x decay(s / total), where
+    # total = epochs x STEPS_PER_EPOCH of the train() call and learning_rate
+    # its argument. Warm-up: linear from 1/N to 1 over the first N steps of
+    # the whole training (detectron2 uses 1000). Decay: "constant" (none),
+    # "step" (times LEARNING_RATE_DECAY at each fraction of total in
+    # LEARNING_RATE_STEPS), "cosine" (half a cosine from 1 to 0 over total).
+    LEARNING_RATE_WARMUP_STEPS = 0
+    LEARNING_RATE_SCHEDULE = "constant"
+    LEARNING_RATE_STEPS = (0.75, 0.9)
+    LEARNING_RATE_DECAY = 0.1
 
     # Loss weights; "mrcnn_mask_edge_loss" is scaled by EDGE_LOSS_WEIGHT instead.
     LOSS_WEIGHTS = {
@@ -129,6 +161,21 @@ class Config:
 
     # Global-norm gradient clipping.
     GRADIENT_CLIP_NORM = 5.0
+
+    # What a training image that fails to load or prepare does: "raise" stops
+    # training with an error naming the dataset, image id, source id and
+    # path; "skip" replaces it by the next image, and every epoch logs the
+    # skipped ones.
+    ON_BAD_SAMPLE = "raise"
+
+    # Compile the training step and detection with XLA (jit_compile=True).
+    # The graph is static-shaped for it; on CPUs, XLA's convolutions are
+    # slower than oneDNN's (benchmarks/vs_torchvision.py), hence off.
+    JIT_COMPILE = False
+    # None, "mixed_float16" (with dynamic loss scaling) or "mixed_bfloat16":
+    # Keras mixed precision for the backbone and heads; losses, the edge
+    # head, box decoding and the outputs stay float32.
+    MIXED_PRECISION = None
 
     # ---- Edge Agreement Head (Zimmermann & Siems 2018). Empty list = off. ----
     # Any of "sobel", "sobel-x", "sobel-y", "laplace", "laplace4",
@@ -155,7 +202,9 @@ class Config:
         # image_id(1) + original_image_shape(3) + image_shape(3) + window(4)
         # + scale(1) + active_class_ids(NUM_CLASSES)
         self.IMAGE_META_SIZE = 1 + 3 + 3 + 4 + 1 + self.NUM_CLASSES
-        self.EDGE_LOSS_FILTERS = list(self.EDGE_LOSS_FILTERS)
+        filters = self.EDGE_LOSS_FILTERS
+        # One name ("sobel", "sobel+laplace") or a list of names.
+        self.EDGE_LOSS_FILTERS = [filters] if isinstance(filters, str) else list(filters or [])
         self.validate()
 
     def validate(self):
@@ -163,6 +212,53 @@ class Config:
         def fail(field, msg):
             raise ValueError(f"{type(self).__name__}.{field}: {msg}")
 
+        def number(field, low=None, high=None, low_open=False, integer=False):
+            value = getattr(self, field)
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            if ok and integer:
+                ok = float(value) == int(value)
+            if not ok or not np.isfinite(value):
+                fail(field, f"must be a finite {'integer' if integer else 'number'}, got {value!r}")
+            if low is not None and (value <= low if low_open else value < low):
+                fail(field, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+            if high is not None and value > high:
+                fail(field, f"must be <= {high}, got {value!r}")
+
+        number("LEARNING_RATE", 0, low_open=True)
+        number("LEARNING_MOMENTUM", 0, 1)
+        number("WEIGHT_DECAY", 0)
+        number("GRADIENT_CLIP_NORM", 0, low_open=True)
+        number("STEPS_PER_EPOCH", 1, integer=True)
+        number("VALIDATION_STEPS", 0, integer=True)
+        number("MAX_GT_INSTANCES", 1, integer=True)
+        number("TRAIN_ROIS_PER_IMAGE", 1, integer=True)
+        number("DETECTION_MAX_INSTANCES", 1, integer=True)
+        number("DETECTION_MIN_CONFIDENCE", 0, 1)
+        number("DETECTION_NMS_THRESHOLD", 0, 1)
+        number("RPN_NMS_THRESHOLD", 0, 1)
+        number("EDGE_LOSS_WEIGHT", 0)
+        number("RPN_CONV_CHANNELS", 1, integer=True)
+        number("LEARNING_RATE_WARMUP_STEPS", 0, integer=True)
+        number("LEARNING_RATE_DECAY", 0, 1, low_open=True)
+        for name, weight in dict(self.LOSS_WEIGHTS).items():
+            if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+                fail("LOSS_WEIGHTS", f"{name}: weights must be finite and >= 0, got {weight!r}")
+        shape = tuple(self.MINI_MASK_SHAPE)
+        if len(shape) != 2 or min(shape) < 1:
+            fail("MINI_MASK_SHAPE", f"must be (height, width) of at least 1 pixel, got {self.MINI_MASK_SHAPE!r}")
+        if self.ROI_ALIGN not in ROI_ALIGN_MODES:
+            fail("ROI_ALIGN", f"{self.ROI_ALIGN!r}; choose one of {ROI_ALIGN_MODES}")
+        if self.DETECTION_MODE not in DETECTION_MODES:
+            fail("DETECTION_MODE", f"{self.DETECTION_MODE!r}; choose one of {DETECTION_MODES}")
+        if self.LEARNING_RATE_SCHEDULE not in LR_SCHEDULES:
+            fail("LEARNING_RATE_SCHEDULE", f"{self.LEARNING_RATE_SCHEDULE!r}; choose one of {LR_SCHEDULES}")
+        steps = list(self.LEARNING_RATE_STEPS)
+        if any(not 0 < f < 1 for f in steps) or steps != sorted(steps):
+            fail("LEARNING_RATE_STEPS", f"must be increasing fractions of the training in (0, 1), got {steps}")
+        if self.ON_BAD_SAMPLE not in ("raise", "skip"):
+            fail("ON_BAD_SAMPLE", f"{self.ON_BAD_SAMPLE!r}; choose 'raise' or 'skip'")
+        if self.MIXED_PRECISION not in MIXED_PRECISION_POLICIES:
+            fail("MIXED_PRECISION", f"{self.MIXED_PRECISION!r}; choose one of {MIXED_PRECISION_POLICIES}")
         if self.NUM_CLASSES < 2:
             fail("NUM_CLASSES", f"must count background plus at least one class, got {self.NUM_CLASSES}")
         if self.BACKBONE not in BACKBONES and not callable(self.BACKBONE):
@@ -204,6 +300,20 @@ class Config:
                 validate_edge_config(self.EDGE_LOSS_FILTERS, self.EDGE_LOSS_NORM)
             except ValueError as e:
                 fail("EDGE_LOSS_FILTERS/EDGE_LOSS_NORM", str(e))
+
+    def derive(self, **fields):
+        """A copy of this configuration with ``fields`` changed, its derived
+        values (BATCH_SIZE, IMAGE_SHAPE, ...) recomputed and validated::
+
+            inference_config = config.derive(IMAGES_PER_GPU=1, DETECTION_MODE="coco")
+        """
+        new = copy.copy(self)
+        for name, value in fields.items():
+            if not name.isupper() or not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+            setattr(new, name, value)
+        Config.__init__(new)
+        return new
 
     def to_dict(self):
         """All upper-case attributes as a plain dict (NumPy arrays as lists)."""

@@ -3,14 +3,17 @@
 One step: forward the training model, compute the five Mask R-CNN losses (and
 the edge agreement loss when ``EDGE_LOSS_FILTERS`` is set), add L2 weight decay
 to the gradients (all trainable weights except BatchNorm gamma/beta), clip the
-global gradient norm, apply SGD with momentum.
+global gradient norm, and, if the loss and gradients are finite, apply SGD
+with momentum at the scheduled learning rate (``learning_rate_at``).
 
-Per epoch: a progress bar with every loss, validation losses, TensorBoard
-scalars, a row in ``history.csv``, an atomically written checkpoint. Every
-``log_every`` steps the step losses go to ``steps.csv`` (for loss curves).
+Per epoch: a progress bar with every loss and the rate, validation losses,
+TensorBoard scalars, a row in ``history.csv`` (with the rate, ms/step and the
+fraction of time spent waiting for data), an atomically written checkpoint.
+Every ``log_every`` steps the step losses and the rate go to ``steps.csv``.
 """
 
 import csv
+import glob
 import logging
 import math
 import os
@@ -20,6 +23,7 @@ import time
 import numpy as np
 import tensorflow as tf
 import keras
+from keras import ops
 
 from mrcnn import losses as L
 from mrcnn.checkpoints import load_optimizer_slots, save_checkpoint
@@ -91,12 +95,15 @@ def compute_losses(inputs, outputs, config, edge_loss=None):
                                                outputs["mrcnn_class_logits"], active, outputs["rois"]),
         "mrcnn_bbox_loss": L.mrcnn_bbox_loss(outputs["target_bbox"], outputs["target_class_ids"],
                                              outputs["mrcnn_bbox"]),
-        "mrcnn_mask_loss": L.mrcnn_mask_loss(outputs["target_mask"], outputs["target_class_ids"],
-                                             outputs["mrcnn_mask"]),
+        "mrcnn_mask_loss": L.mrcnn_mask_loss(
+            outputs["target_mask"], outputs["target_class_ids"][:, :outputs["target_mask"].shape[1]],
+            outputs["mrcnn_mask_logits"]),
     }
     if edge_loss is not None:
-        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], outputs["target_class_ids"],
-                                         outputs["mrcnn_mask"]])
+        # The edge head sees sigmoid probabilities of the positive slots' class (paper section 3).
+        positive_ids = outputs["target_class_ids"][:, :outputs["target_mask"].shape[1]]
+        probs = ops.sigmoid(L.select_class_masks(outputs["mrcnn_mask_logits"], positive_ids))
+        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], positive_ids, probs])
     return out
 
 
@@ -113,8 +120,48 @@ def _decays(variable):
     return not re.search(r"(gamma|beta)$", variable.path)
 
 
+def learning_rate_at(step, base_lr, total_steps, config):
+    """The learning rate at global step ``step`` (0-based, counted over all
+    ``train()`` calls) of a training that ends at ``total_steps``.
+
+    base_lr x warm-up x decay, with (see ``Config``):
+        warm-up: (step + 1) / LEARNING_RATE_WARMUP_STEPS during the first
+            LEARNING_RATE_WARMUP_STEPS steps, then 1;
+        decay: "constant" 1; "step" LEARNING_RATE_DECAY ** (number of
+            fractions f in LEARNING_RATE_STEPS with step >= f x total_steps);
+            "cosine" (1 + cos(pi x step / total_steps)) / 2.
+    A pure function of its arguments, so a resumed run gets the same rates.
+    """
+    lr = float(base_lr)
+    warmup = int(config.LEARNING_RATE_WARMUP_STEPS)
+    if warmup and step < warmup:
+        lr *= (step + 1) / warmup
+    schedule = config.LEARNING_RATE_SCHEDULE
+    total = max(int(total_steps), 1)
+    if schedule == "step":
+        lr *= config.LEARNING_RATE_DECAY ** sum(step >= f * total for f in config.LEARNING_RATE_STEPS)
+    elif schedule == "cosine":
+        lr *= 0.5 * (1. + math.cos(math.pi * min(step, total) / total))
+    return lr
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient; it was not applied."""
+
+
 class Trainer:
-    """Runs epochs of training for a MaskRCNN facade (see MaskRCNN.train)."""
+    """Runs epochs of training for a MaskRCNN facade (see MaskRCNN.train).
+
+    One step is two compiled functions: ``_compute`` (forward, losses,
+    gradients with weight decay and clipping; XLA with ``JIT_COMPILE``) and
+    ``_apply`` (SGD with momentum at the scheduled rate). The update is
+    applied only after the loss and the gradient norm are seen to be finite,
+    so a bad step never reaches the weights. Under "mixed_float16" the loss is
+    scaled dynamically: a step with non-finite gradients halves the scale and
+    is skipped, and the scale doubles after 2000 good steps.
+    """
+
+    LOSS_SCALE_PERIOD = 2000
 
     def __init__(self, mrcnn, learning_rate, seed=None, log_every=10):
         self.m = mrcnn
@@ -122,6 +169,9 @@ class Trainer:
         self.model = mrcnn.keras_model
         self.seed = seed
         self.log_every = log_every
+        self.base_learning_rate = float(learning_rate)
+        self.total_steps = self.config.STEPS_PER_EPOCH
+        self.global_step = mrcnn.epoch * self.config.STEPS_PER_EPOCH
         self.edge_loss = make_edge_loss(self.config)
         self.variables = list(self.model.trainable_variables)
         self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate,
@@ -129,34 +179,87 @@ class Trainer:
         self.optimizer.build(self.variables)
         self.decay_mask = [_decays(v) for v in self.variables]
         self.names = loss_names(self.config)
-        self._train_step = tf.function(self._step, reduce_retracing=True)
-        self._eval_step = tf.function(self._losses, reduce_retracing=True)
+        self.loss_scale = (keras.Variable(2. ** 15, trainable=False, name="loss_scale")
+                           if self.config.MIXED_PRECISION == "mixed_float16" else None)
+        self._good_steps = 0
+        jit = bool(self.config.JIT_COMPILE)
+        self._compute = tf.function(self._gradients, jit_compile=jit, reduce_retracing=True)
+        self._apply = tf.function(self._apply_gradients, reduce_retracing=True)
+        self._eval_step = tf.function(self._losses, jit_compile=jit, reduce_retracing=True)
 
+    # ---------------------------------------------------------------- graph
     def _losses(self, inputs, training):
         outputs = self.model(inputs, training=training)
         return compute_losses(inputs, outputs, self.config, self.edge_loss)
 
-    def _step(self, inputs):
+    def _gradients(self, inputs):
+        """Losses (dict of scalars, plus "loss" and "grad_norm") and the
+        clipped gradients of one batch."""
         with tf.GradientTape() as tape:
             losses = self._losses(inputs, True)
             total = total_loss(losses, self.config)
-        grads = tape.gradient(total, self.variables)
+            scaled = total * self.loss_scale if self.loss_scale is not None else total
+        grads = tape.gradient(scaled, self.variables)
+        grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
+        if self.loss_scale is not None:
+            grads = [g / self.loss_scale for g in grads]
         wd = self.config.WEIGHT_DECAY
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.variables)]
         grads = [g + wd * v if d else g for g, v, d in zip(grads, self.variables, self.decay_mask)]
         grads, grad_norm = tf.clip_by_global_norm(grads, self.config.GRADIENT_CLIP_NORM)
-        self.optimizer.apply_gradients(zip(grads, self.variables))
         losses = dict(losses)
         losses["loss"] = total
         losses["grad_norm"] = grad_norm
-        return losses
+        return losses, grads
+
+    def _apply_gradients(self, grads, learning_rate):
+        self.optimizer.learning_rate = learning_rate
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+
+    # ----------------------------------------------------------------- steps
+    def learning_rate(self, step=None):
+        """The scheduled rate at ``step`` (default: the next step)."""
+        step = self.global_step if step is None else step
+        return learning_rate_at(step, self.base_learning_rate, self.total_steps, self.config)
+
+    def train_step(self, batch):
+        """Train on one batch; returns the step's values as Python floats
+        (every loss, "loss", "grad_norm", "lr"). Raises NonFiniteLossError,
+        without touching the weights, when the loss or the gradient is not
+        finite (float16 gradient overflows are skipped instead)."""
+        lr = self.learning_rate()
+        losses, grads = self._compute(batch)
+        values = {k: float(v) for k, v in losses.items()}
+        values["lr"] = lr
+        if self.loss_scale is not None:
+            values["overflow"] = 0.
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad and self.loss_scale is not None and bad == ["grad_norm"]:
+            self.loss_scale.assign(self.loss_scale / 2.)     # fp16 overflow: skip, lower the scale
+            self._good_steps = 0
+            values["overflow"] = 1.
+        elif bad:
+            raise NonFiniteLossError(
+                f"global step {self.global_step + 1}: {', '.join(bad)} not finite ({values}); the update was "
+                "not applied, so the weights are those of the step before. Lower LEARNING_RATE (or raise "
+                "LEARNING_RATE_WARMUP_STEPS), check the data, or restart from the last checkpoint")
+        else:
+            self._apply(grads, tf.constant(lr, tf.float32))
+            if self.loss_scale is not None:
+                self._good_steps += 1
+                if self._good_steps % self.LOSS_SCALE_PERIOD == 0:
+                    self.loss_scale.assign(self.loss_scale * 2.)
+        self.global_step += 1
+        return values
+
+    _train_step = train_step   # the name the benchmarks used
 
     def restore_optimizer(self, checkpoint_path):
         n = load_optimizer_slots(checkpoint_path, self.optimizer)
         if n:
-            log.info("restored %d optimizer variables from %s", n, checkpoint_path)
+            log.info("restored %d momentum slots from %s", n, checkpoint_path)
         return n
 
+    # ---------------------------------------------------------------- epochs
     def fit(self, train_dataset, val_dataset, epochs, augmentation=None, custom_callbacks=None,
             workers=None):
         m, c = self.m, self.config
@@ -165,6 +268,9 @@ class Trainer:
         if start_epoch >= epochs:
             log.info("already trained for %d epochs (>= epochs=%d): nothing to do", start_epoch, epochs)
             return {}
+        self.total_steps = epochs * c.STEPS_PER_EPOCH
+        self.global_step = start_epoch * c.STEPS_PER_EPOCH
+        trim_logs(m.log_dir, start_epoch, self.global_step)
         train_loader = BatchLoader(train_dataset, c, shuffle=True, augmentation=augmentation,
                                    seed=self.seed, workers=workers,
                                    start_step=start_epoch * c.STEPS_PER_EPOCH)
@@ -172,8 +278,10 @@ class Trainer:
                       if val_dataset is not None and c.VALIDATION_STEPS > 0 else None)
         writer = tf.summary.create_file_writer(m.log_dir)
         history = {}
-        log.info("training %s from epoch %d to %d, %d steps/epoch, %d trainable tensors; logs in %s",
-                 c.NAME, start_epoch + 1, epochs, c.STEPS_PER_EPOCH, len(self.variables), m.log_dir)
+        log.info("training %s from epoch %d to %d, %d steps/epoch, %d trainable tensors, lr %g (%s, "
+                 "warm-up %d); logs in %s", c.NAME, start_epoch + 1, epochs, c.STEPS_PER_EPOCH,
+                 len(self.variables), self.base_learning_rate, c.LEARNING_RATE_SCHEDULE,
+                 c.LEARNING_RATE_WARMUP_STEPS, m.log_dir)
         batches = iter(train_loader)
         for cb in custom_callbacks or []:
             if hasattr(cb, "set_model"):
@@ -189,39 +297,49 @@ class Trainer:
     def _run_epoch(self, epoch, epochs, batches, val_loader, writer, callbacks):
         m, c = self.m, self.config
         print(f"Epoch {epoch + 1}/{epochs}")
-        bar = keras.utils.Progbar(c.STEPS_PER_EPOCH, stateful_metrics=["grad_norm"])
+        bar = keras.utils.Progbar(c.STEPS_PER_EPOCH, stateful_metrics=["grad_norm", "lr"])
         sums = {}
         t0 = time.perf_counter()
+        wait = 0.
+        skipped = []
         for cb in callbacks or []:
             if hasattr(cb, "on_epoch_begin"):
                 cb.on_epoch_begin(epoch)
         for step in range(c.STEPS_PER_EPOCH):
+            tw = time.perf_counter()
             batch = next(batches)
-            values = {k: float(v) for k, v in self._train_step(batch).items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"loss became {values['loss']} at epoch {epoch + 1} step {step + 1}: {values}; "
-                    "lower LEARNING_RATE or check the data")
+            wait += time.perf_counter() - tw
+            skipped += batch.pop("skipped", [])
+            values = self.train_step(batch)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.) + v
-            global_step = epoch * c.STEPS_PER_EPOCH + step + 1
-            if global_step % self.log_every == 0 or step == 0:
-                self._log_step(global_step, values, writer)
-            bar.update(step + 1, [(k, values[k]) for k in ["loss"] + self.names + ["grad_norm"]])
+            if self.global_step % self.log_every == 0 or step == 0:
+                self._log_step(self.global_step, values, writer)
+            bar.update(step + 1, [(k, values[k]) for k in ["loss"] + self.names + ["grad_norm", "lr"]])
         seconds = time.perf_counter() - t0
-        logs = {k: v / c.STEPS_PER_EPOCH for k, v in sums.items()}
+        logs = {k: v / c.STEPS_PER_EPOCH for k, v in sums.items() if k != "lr"}
+        logs["lr"] = values["lr"]
+        logs["step"] = self.global_step
+        logs["seconds"] = seconds
         logs["ms_per_step"] = 1000. * seconds / c.STEPS_PER_EPOCH
+        logs["data_wait"] = wait / max(seconds, 1e-9)
         if val_loader is not None:
             vsums = {}
             vbatches = iter(val_loader)
             for _ in range(c.VALIDATION_STEPS):
-                vals = self._eval_step(next(vbatches), False)
+                vbatch = next(vbatches)
+                skipped += vbatch.pop("skipped", [])
+                vals = self._eval_step(vbatch, False)
                 vals = {k: float(v) for k, v in vals.items()}
                 vals["loss"] = float(total_loss(vals, c))
                 for k, v in vals.items():
                     vsums[k] = vsums.get(k, 0.) + v
             vbatches.close()
             logs.update({"val_" + k: v / c.VALIDATION_STEPS for k, v in vsums.items()})
+        logs["skipped_samples"] = len(skipped)
+        if skipped:
+            log.warning("epoch %d: skipped %d bad samples (ON_BAD_SAMPLE='skip'):\n  %s", epoch + 1,
+                        len(skipped), "\n  ".join(message for _, message in skipped))
         with writer.as_default():
             for k, v in logs.items():
                 tf.summary.scalar("epoch/" + k, v, step=epoch + 1)
@@ -231,7 +349,7 @@ class Trainer:
         save_checkpoint(path, self.model, m.epoch, self.optimizer, c)
         _append_csv(os.path.join(m.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})
         log.info("epoch %d: %s; checkpoint %s", epoch + 1,
-                 ", ".join(f"{k}={v:.4f}" for k, v in logs.items()), path)
+                 ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), path)
         print("  " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k.startswith("val_")))
         for cb in callbacks or []:
             if hasattr(cb, "on_epoch_end"):
@@ -245,6 +363,31 @@ class Trainer:
         row = {"step": global_step, **values}
         row["mrcnn_loss"] = sum(values[k] for k in L.LOSS_NAMES)
         _append_csv(os.path.join(self.m.log_dir, "steps.csv"), row)
+
+
+def trim_logs(log_dir, epoch, step):
+    """Prepare a run folder for resuming after ``epoch`` (global step ``step``):
+    drop rows of ``history.csv`` past ``epoch`` and of ``steps.csv`` past
+    ``step`` (written after the last checkpoint by a run that crashed), and
+    remove temporary checkpoint files left by a killed writer."""
+    for name, column, last in (("history.csv", "epoch", epoch), ("steps.csv", "step", step)):
+        path = os.path.join(log_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or column not in rows[0]:
+            continue
+        col = rows[0].index(column)
+        kept = [rows[0]] + [r for r in rows[1:] if r and float(r[col]) <= last]
+        if len(kept) != len(rows):
+            log.info("%s: dropped %d rows after %s %d (resuming there)", path, len(rows) - len(kept),
+                     column, last)
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+    for tmp in glob.glob(os.path.join(glob.escape(log_dir), "*.tmp-*")):
+        log.info("removing stale temporary file %s", tmp)
+        os.remove(tmp)
 
 
 def _append_csv(path, row):

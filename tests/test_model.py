@@ -119,11 +119,13 @@ def expected_shapes(c, mode):
     shapes = {"rpn_class": (B, A, 2), "rpn_bbox": (B, A, 4)}
     if mode == "training":
         T = c.TRAIN_ROIS_PER_IMAGE
+        P = int(T * c.ROI_POSITIVE_RATIO)  # the mask head runs on the positive slots only
         shapes.update({
             "rpn_class_logits": (B, A, 2), "rpn_rois": (B, c.POST_NMS_ROIS_TRAINING, 4),
             "rois": (B, T, 4), "target_class_ids": (B, T), "target_bbox": (B, T, 4),
-            "target_mask": (B, T, mh, mw), "mrcnn_class_logits": (B, T, NC), "mrcnn_class": (B, T, NC),
-            "mrcnn_bbox": (B, T, NC, 4), "mrcnn_mask": (B, T, mh, mw, NC)})
+            "target_mask": (B, P, mh, mw), "mrcnn_class_logits": (B, T, NC), "mrcnn_class": (B, T, NC),
+            "mrcnn_bbox": (B, T, NC, 4), "mrcnn_mask_logits": (B, P, mh, mw, NC),
+            "mrcnn_mask": (B, P, mh, mw, NC)})
     else:
         P, D = c.POST_NMS_ROIS_INFERENCE, c.DETECTION_MAX_INSTANCES
         shapes.update({
