@@ -1,7 +1,7 @@
 """Input pipeline: image molding, ground-truth loading, augmentation, batches.
 
 Everything here is NumPy; batches are dicts of fixed-shape arrays (shapes set by
-the config), produced by background threads while the model trains.
+the config), produced by worker processes while the model trains (``BatchLoader``).
 
 A batch (``build_batch``) holds
     input_image      [batch, H, W, C] float32, molded (mean pixel subtracted)
@@ -14,12 +14,12 @@ A batch (``build_batch``) holds
                      when USE_MINI_MASK, else full image size)
 """
 
+import collections
 import functools
 import logging
+import multiprocessing
+import multiprocessing.pool
 import os
-import queue
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -76,16 +76,77 @@ def resize_for_config(image, config, mode=None, rng=None):
                               mode=mode or config.IMAGE_RESIZE_MODE, rng=rng)
 
 
+def as_image_list(images, config):
+    """Check and convert the images given to ``detect``.
+
+    images: a list (or tuple, or [N, H, W, C] array) of images. Each becomes
+    a float32 [H, W, IMAGE_CHANNEL_COUNT] array in [0, 255]:
+        - [H, W] and [H, W, 1] grayscale are repeated to RGB; [H, W, 2]
+          (gray + alpha) and [H, W, 4] (RGBA) lose their alpha channel, as
+          ``Dataset.load_image`` does (when IMAGE_CHANNEL_COUNT is 3);
+        - uint8 is used as is; uint16 is scaled from its full range
+          (x 255 / 65535); other integer types must lie in [0, 255];
+        - floats in [0, 1] are scaled by 255 (scikit-image's convention),
+          floats in [0, 255] with a maximum above 1 are used as is.
+    Raises TypeError for a single image instead of a list and ValueError,
+    naming the list index, for empty images, non-finite values, or values
+    whose scale is ambiguous.
+    """
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        raise TypeError(f"detect() takes a list of images; got one array of shape {images.shape}: "
+                        "call detect([image])")
+    if not isinstance(images, (list, tuple, np.ndarray)):
+        raise TypeError(f"detect() takes a list of images, got {type(images).__name__}")
+    channels = config.IMAGE_CHANNEL_COUNT
+    out = []
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        what = f"detect: image {i} (dtype {image.dtype}, shape {image.shape})"
+        if channels == 3:
+            if image.ndim == 3 and image.shape[-1] in (1, 2):
+                image = image[..., 0]
+            if image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=-1)
+            if image.ndim == 3 and image.shape[-1] == 4:
+                image = image[..., :3]
+        if image.ndim != 3 or image.shape[-1] != channels:
+            raise ValueError(f"{what}: expected [H, W, {channels}] (or grayscale / RGBA)")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"{what}: the image is empty")
+        out.append(_to_pixel_range(image, what))
+    return out
+
+
+def _to_pixel_range(image, what):
+    """An image as float32 values in [0, 255] (see ``as_image_list``)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32)
+    if image.dtype == bool or image.dtype.kind not in "uif":
+        raise ValueError(f"{what}: unsupported dtype; give uint8 RGB images")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{what}: contains NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) * np.float32(255. / 65535.)
+    if low >= 0 and high <= 1 and image.dtype.kind == "f":
+        return image.astype(np.float32) * np.float32(255.)
+    if low >= 0 and high <= 255:
+        return image.astype(np.float32)
+    raise ValueError(f"{what}: values in [{low:g}, {high:g}] are not on a known scale; "
+                     "give uint8 RGB, uint16, or floats in [0, 1] or [0, 255]")
+
+
 def mold_inputs(images, config):
     """Resize and mold images for inference.
 
-    images: list of [H, W, C] arrays (any sizes). Returns
-    (molded [N, IMAGE_SHAPE] float32, image_metas [N, IMAGE_META_SIZE], windows [N, 4] pixels).
+    images: list of [H, W, C] arrays (any sizes; see ``as_image_list`` for
+    what ``detect`` accepts). Returns (molded [N, IMAGE_SHAPE] float32,
+    image_metas [N, IMAGE_META_SIZE], windows [N, 4] pixels).
     """
     molded, metas, windows = [], [], []
     for image in images:
         if image.ndim != 3 or image.shape[2] != config.IMAGE_CHANNEL_COUNT:
-            raise ValueError(f"detect: expected images [H, W, {config.IMAGE_CHANNEL_COUNT}], "
+            raise ValueError(f"mold_inputs: expected images [H, W, {config.IMAGE_CHANNEL_COUNT}], "
                              f"got shape {image.shape}")
         resized, window, scale, _, _ = resize_for_config(image, config, mode="square")
         molded.append(mold_image(resized, config))
@@ -205,83 +266,145 @@ def build_sample(dataset, config, image_id, augmentation=None, rng=None):
     }
 
 
-def build_batch(dataset, config, image_ids, augmentation=None, seed=None, executor=None):
+class SampleError(RuntimeError):
+    """Loading or preparing one training image failed; the message names the
+    dataset, the image id, its source id and its path."""
+
+
+def describe_sample(dataset, image_id):
+    """"dataset X, image 12 (source 'coco' id 139, path /data/...)" for error messages."""
+    try:
+        info = dataset.image_info[image_id]
+        where = (f"source {info.get('source')!r} id {info.get('id')!r}, "
+                 f"path {info.get('path') or dataset.image_reference(image_id) or 'n/a'}")
+    except Exception:  # noqa: BLE001 - a broken dataset must not hide the real error
+        where = "no image_info"
+    return f"dataset {type(dataset).__name__}, image {image_id} ({where})"
+
+
+def build_batch(dataset, config, image_ids, augmentation=None, seed=None, executor=None,
+                on_bad_sample="raise", replacements=None):
     """Stack ``build_sample`` for ``image_ids`` into one batch dict.
 
     ``seed`` makes the batch reproducible: each image gets its own generator
-    seeded from (seed, image_id), so results do not depend on thread timing.
+    seeded from (seed, position, image_id), so results do not depend on timing.
+    A failing image raises ``SampleError`` naming it; with
+    ``on_bad_sample="skip"`` it is replaced by the next image of
+    ``replacements`` (an iterable of image ids) that loads, and the batch
+    dict gets a ``"skipped"`` list of (image_id, message) pairs.
     """
+    skipped = []
+    spare = iter(replacements if replacements is not None else ())
+
     def one(i_and_id):
         i, image_id = i_and_id
-        rng = np.random.default_rng(None if seed is None else [seed, i, int(image_id)])
-        return build_sample(dataset, config, image_id, augmentation, rng)
-    items = list((executor.map if executor else map)(one, enumerate(image_ids)))
-    return {name: np.stack([it[name] for it in items]) for name in INPUT_NAMES}
+        while True:
+            rng = np.random.default_rng(None if seed is None else [seed, i, int(image_id)])
+            try:
+                return build_sample(dataset, config, image_id, augmentation, rng)
+            except Exception as e:  # noqa: BLE001 - user datasets raise anything
+                message = f"{describe_sample(dataset, image_id)}: {type(e).__name__}: {e}"
+                if on_bad_sample != "skip":
+                    raise SampleError(message + " (set Config.ON_BAD_SAMPLE = 'skip' to skip bad samples)") from e
+                skipped.append((int(image_id), message))
+                image_id = next(spare, None)
+                if image_id is None:
+                    raise SampleError(f"{message}; no replacement image left to skip to") from e
+
+    items = [one(x) for x in enumerate(image_ids)] if executor is None else \
+        list(executor.map(one, enumerate(image_ids)))
+    batch = {name: np.stack([it[name] for it in items]) for name in INPUT_NAMES}
+    if skipped:
+        batch["skipped"] = skipped
+    return batch
+
+
+# Per-process state of the loader's worker processes (set by _init_worker).
+_WORKER = {}
+
+
+def _init_worker(loader):
+    _WORKER["loader"] = loader
+
+
+def _worker_batch(step):
+    return _WORKER["loader"].batch(step)
 
 
 class BatchLoader:
-    """Endless, shuffled batches of a dataset, prepared by background threads.
+    """Endless, shuffled batches of a dataset, prepared ahead by worker processes.
 
-    Epoch ``e`` visits the images in an order drawn from ``seed + e``, so two
-    runs with the same seed see the same data in the same order.
+    Epoch ``e`` visits the images in an order drawn from (seed, e), and batch
+    ``step`` is a pure function of (seed, step): two runs with the same seed,
+    or a run resumed at ``start_step``, see the same data in the same order,
+    whatever the number of workers.
+
+    workers: processes that build batches (default: one per CPU core, at most
+        8). They are forked, so the dataset need not be picklable; where fork
+        is unavailable, threads are used. 0 builds each batch in the
+        training loop itself.
+    prefetch: batches prepared ahead.
+    on_bad_sample: "raise" (default: ``config.ON_BAD_SAMPLE``) or "skip".
 
     >>> loader = BatchLoader(dataset, config, shuffle=True, seed=0)
     >>> batch = next(iter(loader))
     """
 
     def __init__(self, dataset, config, shuffle=True, augmentation=None, seed=None,
-                 workers=None, prefetch=4, start_step=0):
+                 workers=None, prefetch=4, start_step=0, on_bad_sample=None):
         if len(dataset.image_ids) == 0:
-            raise ValueError("the dataset has no images (did you call dataset.prepare()?)")
+            raise ValueError(f"dataset {type(dataset).__name__} has no images (did you call dataset.prepare()?)")
         self.dataset, self.config = dataset, config
         self.shuffle, self.augmentation = shuffle, get_augmentation(augmentation)
         self.seed = 0 if seed is None else int(seed)
-        # Images load in parallel threads: a Dataset's load_image/load_mask must be thread-safe.
-        self.workers = workers or min(8, os.cpu_count() or 2)
-        self.prefetch = prefetch
+        self.workers = min(8, os.cpu_count() or 2) if workers is None else int(workers)
+        self.prefetch = max(1, int(prefetch))
         self.start_step = start_step
+        self.on_bad_sample = on_bad_sample or getattr(config, "ON_BAD_SAMPLE", "raise")
 
     def batch_ids(self, step):
         """Image ids of global batch number ``step`` (deterministic)."""
         n, bs = len(self.dataset.image_ids), self.config.BATCH_SIZE
-        return np.array([self._epoch_order(k // n)[k % n] for k in range(step * bs, (step + 1) * bs)])
+        return np.array([self._order(k) for k in range(step * bs, (step + 1) * bs)])
+
+    def _order(self, k):
+        """The image at position ``k`` of the endless sequence of epochs."""
+        n = len(self.dataset.image_ids)
+        return self._epoch_order(k // n)[k % n]
 
     @functools.lru_cache(maxsize=2)
     def _epoch_order(self, epoch):
         ids = self.dataset.image_ids
         return np.random.default_rng([self.seed, epoch]).permutation(ids) if self.shuffle else ids
 
+    def batch(self, step):
+        """Batch number ``step`` (see ``build_batch``)."""
+        bs = self.config.BATCH_SIZE
+        spare = (self._order(k) for k in range((step + 1) * bs, (step + 1) * bs + len(self.dataset.image_ids)))
+        return build_batch(self.dataset, self.config, self.batch_ids(step), self.augmentation,
+                           seed=self.seed * 1000003 + step, on_bad_sample=self.on_bad_sample,
+                           replacements=spare)
+
     def __iter__(self):
-        q = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce():
-            step = self.start_step
-            with ThreadPoolExecutor(self.workers) as ex:
-                while not stop.is_set():
-                    try:
-                        item = build_batch(self.dataset, self.config, self.batch_ids(step),
-                                           self.augmentation, seed=self.seed * 1000003 + step,
-                                           executor=ex)
-                    except Exception as e:  # surface loader errors in the training thread
-                        item = e
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if isinstance(item, Exception):
-                        return
-                    step += 1
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
+        step = self.start_step
+        if self.workers <= 0:
+            while True:
+                yield self.batch(step)
+                step += 1
+        if "fork" in multiprocessing.get_all_start_methods():
+            pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, (self,))
+            build = _worker_batch
+        else:
+            pool = multiprocessing.pool.ThreadPool(self.workers)
+            build = self.batch
+        pending = collections.deque()
         try:
             while True:
-                item = q.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+                while len(pending) < self.prefetch:
+                    pending.append(pool.apply_async(build, (step + len(pending),)))
+                batch = pending.popleft().get()
+                step += 1
+                yield batch
         finally:
-            stop.set()
+            pool.terminate()
+            pool.join()

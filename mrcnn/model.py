@@ -15,6 +15,7 @@ edge_agreement, data, training); they are re-exported here for code written
 against matterport's single ``model.py``.
 """
 
+import contextlib
 import datetime
 import glob
 import logging
@@ -30,12 +31,13 @@ from mrcnn import utils
 from mrcnn.anchors import build_rpn_targets, compute_backbone_shapes, get_anchors as _get_anchors  # noqa: F401
 from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph  # noqa: F401
 from mrcnn.checkpoints import load_into, read_epoch, save_checkpoint
-from mrcnn.data import (compose_image_meta, load_image_gt, mold_image, mold_inputs,  # noqa: F401
-                        parse_image_meta, unmold_image)
+from mrcnn.data import (as_image_list, compose_image_meta, load_image_gt, mold_image,  # noqa: F401
+                        mold_inputs, parse_image_meta, unmold_image)
 from mrcnn.edge_agreement import EdgeAgreementLoss  # noqa: F401
-from mrcnn.heads import RPNHead, build_fpn_mask_graph, fpn_classifier_graph
+from mrcnn.heads import BoxHead, MaskHead, RPNHead, build_fpn_mask_graph, fpn_classifier_graph  # noqa: F401
 from mrcnn.layers import (DetectionLayer, DetectionTargetLayer, ProposalLayer,  # noqa: F401
-                          PyramidROIAlign)
+                          PyramidROIAlign, positive_rois, sampler_for)
+from mrcnn.losses import select_class_masks
 from mrcnn.training import LAYER_REGEX, Trainer, set_trainable  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,21 @@ class MaskRCNN:
         self.model_dir = model_dir
         self.epoch = 0
         self.set_log_dir()
+        self._detector = None
         self.keras_model = self.build(mode, config)
         self._predict = None
 
     # ------------------------------------------------------------------ build
     def build(self, mode, config):
-        """Build the Keras functional model (all shapes static, batch = BATCH_SIZE)."""
+        """Build the Keras functional model (all shapes static, batch = BATCH_SIZE).
+
+        Layers are created under ``config.MIXED_PRECISION``'s dtype policy (the
+        custom layers, the output layers and the losses stay float32).
+        """
+        with dtype_policy(config.MIXED_PRECISION):
+            return self._build(mode, config)
+
+    def _build(self, mode, config):
         B = config.BATCH_SIZE
         h, w, ch = (int(s) for s in config.IMAGE_SHAPE)
         input_image = keras.Input((h, w, ch), batch_size=B, name="input_image")
@@ -77,10 +88,11 @@ class MaskRCNN:
         rpn_feature_maps = [p2, p3, p4, p5, p6]
         mrcnn_feature_maps = [p2, p3, p4, p5]
 
-        rpn = RPNHead(len(config.RPN_ANCHOR_RATIOS), config.RPN_ANCHOR_STRIDE, config.TOP_DOWN_PYRAMID_SIZE)
+        rpn = RPNHead(len(config.RPN_ANCHOR_RATIOS), config.RPN_ANCHOR_STRIDE,
+                      channels=config.RPN_CONV_CHANNELS)
         level_outputs = [rpn(p) for p in rpn_feature_maps]
         rpn_class_logits, rpn_class, rpn_bbox = (
-            KL.Concatenate(axis=1, name=n)([o[i] for o in level_outputs])
+            KL.Concatenate(axis=1, name=n, dtype="float32")([o[i] for o in level_outputs])
             for i, n in enumerate(["rpn_class_logits", "rpn_class", "rpn_bbox"]))
 
         anchors = self.get_anchors(config.IMAGE_SHAPE)
@@ -89,10 +101,15 @@ class MaskRCNN:
                              "check RPN_ANCHOR_SCALES/RATIOS/STRIDE and BACKBONE_STRIDES")
         proposal_count = config.POST_NMS_ROIS_TRAINING if mode == "training" else config.POST_NMS_ROIS_INFERENCE
         rpn_rois = ProposalLayer(proposal_count, config.RPN_NMS_THRESHOLD, anchors,
-                                 config.RPN_BBOX_STD_DEV, config.PRE_NMS_LIMIT, name="ROI")(
-            [rpn_class, rpn_bbox])
+                                 config.RPN_BBOX_STD_DEV, config.PRE_NMS_LIMIT,
+                                 padded_nms=config.JIT_COMPILE, name="ROI")([rpn_class, rpn_bbox])
 
-        heads = dict(image_shape=config.IMAGE_SHAPE, num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+        policy = keras.config.dtype_policy()
+        heads = dict(image_shape=config.IMAGE_SHAPE, num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                     roi_align=config.ROI_ALIGN, method=sampler_for(config), compute_dtype=policy.compute_dtype)
+        self.box_head = BoxHead(pool_size=config.POOL_SIZE, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE,
+                                **heads)
+        self.mask_head = MaskHead(pool_size=config.MASK_POOL_SIZE, channels=config.MASK_HEAD_CHANNELS, **heads)
         if mode == "training":
             A = anchors.shape[0]
             G = config.MAX_GT_INSTANCES
@@ -108,11 +125,10 @@ class MaskRCNN:
 
             rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer(
                 config, name="proposal_targets")([rpn_rois, input_gt_class_ids, gt_boxes, input_gt_masks])
-            mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
-                rois, mrcnn_feature_maps, pool_size=config.POOL_SIZE,
-                fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, **heads)
-            mrcnn_mask = build_fpn_mask_graph(rois, mrcnn_feature_maps, pool_size=config.MASK_POOL_SIZE,
-                                              channels=config.MASK_HEAD_CHANNELS, **heads)
+            mrcnn_class_logits, mrcnn_class, mrcnn_bbox = self.box_head(rois, mrcnn_feature_maps)
+            # The mask head runs on the positive slots only (the first P ROIs):
+            # the others have no mask loss.
+            mask_logits = self.mask_head(rois[:, :positive_rois(config)], mrcnn_feature_maps)
             inputs = [input_image, input_image_meta, input_rpn_match, input_rpn_bbox,
                       input_gt_class_ids, input_gt_boxes, input_gt_masks]
             outputs = {
@@ -120,23 +136,24 @@ class MaskRCNN:
                 "rpn_rois": rpn_rois, "rois": rois, "target_class_ids": target_class_ids,
                 "target_bbox": target_bbox, "target_mask": target_mask,
                 "mrcnn_class_logits": mrcnn_class_logits, "mrcnn_class": mrcnn_class,
-                "mrcnn_bbox": mrcnn_bbox, "mrcnn_mask": mrcnn_mask,
+                "mrcnn_bbox": mrcnn_bbox, "mrcnn_mask_logits": mask_logits,
+                "mrcnn_mask": ops.sigmoid(mask_logits),
             }
             inputs = {t.name: t for t in inputs}
         else:
-            mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
-                rpn_rois, mrcnn_feature_maps, pool_size=config.POOL_SIZE,
-                fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, **heads)
+            mrcnn_class_logits, mrcnn_class, mrcnn_bbox = self.box_head(rpn_rois, mrcnn_feature_maps)
             detections = DetectionLayer(config, name="mrcnn_detection")(
                 [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
-            detection_boxes = detections[..., :4]
-            mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps,
-                                              pool_size=config.MASK_POOL_SIZE,
-                                              channels=config.MASK_HEAD_CHANNELS, **heads)
+            mrcnn_mask = ops.sigmoid(self.mask_head(detections[..., :4], mrcnn_feature_maps))
             inputs = {"input_image": input_image, "input_image_meta": input_image_meta}
             outputs = {"detections": detections, "mrcnn_class": mrcnn_class, "mrcnn_bbox": mrcnn_bbox,
                        "mrcnn_mask": mrcnn_mask, "rpn_rois": rpn_rois, "rpn_class": rpn_class,
                        "rpn_bbox": rpn_bbox}
+            # The same layers without the mask head: detect() runs the mask
+            # head on the real detections only (see _predict_fn).
+            self._detector = keras.Model(
+                inputs, {"detections": detections, **{f"P{i + 2}": p for i, p in enumerate(mrcnn_feature_maps)}},
+                name="mask_rcnn_detector")
         return keras.Model(inputs, outputs, name="mask_rcnn")
 
     def get_anchors(self, image_shape=None):
@@ -236,19 +253,50 @@ class MaskRCNN:
 
     # ------------------------------------------------------------- inference
     def _predict_fn(self):
-        if self._predict is None:
-            model = self.keras_model
+        """The compiled inference function: (molded images, metas) ->
+        (detections [B, DETECTION_MAX_INSTANCES, 6], masks [B, n, h, w]), the
+        mask probabilities of each detection's class.
 
-            @tf.function(reduce_retracing=True)
-            def predict(image, meta):
-                out = model({"input_image": image, "input_image_meta": meta}, training=False)
-                return out["detections"], out["mrcnn_mask"]
+        Without XLA the mask head runs on the first n detections only, n the
+        largest number of detections of an image of the batch (detections are
+        sorted, padding last). With ``JIT_COMPILE`` the whole static graph
+        runs (n = DETECTION_MAX_INSTANCES).
+        """
+        def class_masks(detections, masks):
+            ids = tf.cast(detections[:, :tf.shape(masks)[1], 4], tf.int32)
+            return select_class_masks(masks, ids)
+
+        if self._predict is None:
+            if self.config.JIT_COMPILE:
+                model = self.keras_model
+
+                @tf.function(jit_compile=True)
+                def predict(image, meta):
+                    out = model({"input_image": image, "input_image_meta": meta}, training=False)
+                    return out["detections"], class_masks(out["detections"], out["mrcnn_mask"])
+            else:
+                detector, mask_head = self._detector, self.mask_head
+
+                @tf.function(reduce_retracing=True)
+                def predict(image, meta):
+                    out = detector({"input_image": image, "input_image_meta": meta}, training=False)
+                    detections = out["detections"]
+                    count = tf.reduce_max(tf.reduce_sum(tf.cast(detections[..., 4] > 0, tf.int32), axis=1))
+                    boxes = detections[:, :tf.maximum(count, 1), :4]
+                    logits = mask_head(boxes, [out[f"P{i}"] for i in range(2, 6)])
+                    return detections, tf.sigmoid(class_masks(detections, logits))
             self._predict = predict
         return self._predict
 
     def detect(self, images, verbose=0):
         """Detect instances in a list of images (any number, any sizes).
 
+        images: a list of [H, W, 3] RGB images (grayscale [H, W] or [H, W, 1]
+            and RGBA are converted as ``Dataset.load_image`` does). uint8 is
+            used as is; float images in [0, 1] are scaled by 255, float images
+            in [0, 255] used as is; uint16 is scaled from its full range
+            (x 255 / 65535); other integer images must lie in [0, 255].
+            Anything else raises a ValueError naming the list index.
         Returns one dict per image:
             rois: [N, (y1, x1, y2, x2)] int32 pixels of the original image
             class_ids: [N] int32
@@ -257,10 +305,11 @@ class MaskRCNN:
         """
         if self.mode != "inference":
             raise ValueError("create the model with mode='inference' to detect")
+        images = as_image_list(images, self.config)
         c = self.config
         results = []
         for start in range(0, len(images), c.BATCH_SIZE):
-            chunk = list(images[start:start + c.BATCH_SIZE])
+            chunk = images[start:start + c.BATCH_SIZE]
             molded, metas, windows = mold_inputs(chunk, c)
             pad = c.BATCH_SIZE - len(chunk)
             if pad:
@@ -279,28 +328,46 @@ class MaskRCNN:
     def unmold_detections(self, detections, mrcnn_mask, original_image_shape, image_shape, window):
         """Detections of one image in the molded frame -> original-image pixels.
 
-        detections: [DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)] normalized
-        mrcnn_mask: [DETECTION_MAX_INSTANCES, mask_h, mask_w, num_classes]
+        detections: [DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)]
+            normalized; rows with a zero class or a non-finite value are dropped.
+        mrcnn_mask: [n, mask_h, mask_w, num_classes] probabilities of the first
+            n rows, or [n, mask_h, mask_w] already of each row's class.
         window: (y1, x1, y2, x2) pixels of the real image inside the molded one.
+        Returns (rois [N, 4] int32, class_ids [N] int32, scores [N] float32,
+        masks [H, W, N] bool), masks pasted with ``utils.paste_masks``.
         """
-        keep = np.where(detections[:, 4] > 0)[0]
+        detections = np.asarray(detections, np.float64)
+        keep = np.where((detections[:, 4] > 0) & np.isfinite(detections).all(axis=1))[0]
+        keep = keep[keep < len(mrcnn_mask)]
         class_ids = detections[keep, 4].astype(np.int32)
         scores = detections[keep, 5].astype(np.float32)
-        masks = mrcnn_mask[keep, :, :, class_ids] if len(keep) else np.zeros((0,) + mrcnn_mask.shape[1:3])
-        boxes = detections[keep, :4]
-        # Normalized molded frame -> normalized window frame -> original pixels.
-        wy1, wx1, wy2, wx2 = utils.norm_boxes(np.asarray(window)[None], image_shape[:2])[0]
-        wh, ww = wy2 - wy1, wx2 - wx1
-        boxes = (boxes - np.array([wy1, wx1, wy1, wx1])) / np.array([wh, ww, wh, ww])
-        boxes = utils.denorm_boxes(boxes, original_image_shape[:2])
-        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, original_image_shape[0])
-        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, original_image_shape[1])
-        ok = np.where((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0)[0]
-        boxes, class_ids, scores, masks = boxes[ok], class_ids[ok], scores[ok], masks[ok]
-        full = [utils.unmold_mask(masks[i], boxes[i], original_image_shape) for i in range(len(ok))]
-        full = (np.stack(full, axis=-1) if full
-                else np.zeros(tuple(original_image_shape[:2]) + (0,), bool))
-        return boxes.astype(np.int32), class_ids, scores, full
+        if mrcnn_mask.ndim == 4:
+            masks = mrcnn_mask[keep, :, :, class_ids] if len(keep) else np.zeros((0,) + mrcnn_mask.shape[1:3])
+        else:
+            masks = mrcnn_mask[keep]
+        # Normalized molded frame -> continuous molded pixels -> original pixels.
+        mh, mw = image_shape[:2]
+        boxes = detections[keep, :4] * [mh - 1, mw - 1, mh - 1, mw - 1] + [0, 0, 1, 1]
+        wy1, wx1, wy2, wx2 = (float(v) for v in window)
+        oh, ow = original_image_shape[:2]
+        scale = np.array([(wy2 - wy1) / oh, (wx2 - wx1) / ow] * 2)
+        boxes = (boxes - [wy1, wx1, wy1, wx1]) / scale
+        boxes = np.clip(boxes, 0, [oh, ow, oh, ow])
+        rois = np.round(boxes).astype(np.int32)
+        ok = (rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])
+        full = utils.paste_masks(masks[ok], boxes[ok], original_image_shape[:2])
+        return rois[ok], class_ids[ok], scores[ok], full
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Build layers under the Keras dtype policy ``name`` (None = float32), then restore the old one."""
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name or "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(old)
 
 
 def _safe_read_epoch(path):

@@ -419,21 +419,59 @@ def _clip_box(box, shape):
     return y1, x1, max(y2, y1), max(x2, x1)
 
 
-def _paste_mask(mask, bbox, image_shape, threshold):
-    """Resize float ``mask`` [h, w] to the box and paste it into a zero image.
+def _interpolation_matrix(centers, low, high, size):
+    """Bilinear weights [N, K, size] that sample a ``size``-cell axis spanning
+    [low, high] (continuous pixels) at ``centers`` [N, K], with zeros outside
+    the cells (the axis is zero-padded by one cell on each side)."""
+    extent = np.maximum(high - low, 1e-6)[:, None]
+    u = (centers - low[:, None]) / extent * size + 0.5          # index in the padded axis
+    base = np.floor(u)
+    frac = (u - base)[..., None]
+    grid = np.arange(size + 2)
+    weights = (1. - frac) * (grid == base[..., None]) + frac * (grid == base[..., None] + 1)
+    return weights[..., 1:-1]
 
-    The box may extend beyond the image; only the visible part is pasted.
+
+def paste_masks(masks, boxes, image_shape, threshold=0.5):
+    """Paste small masks into image-sized masks, all instances at once.
+
+    masks: [N, h, w] float (probabilities or 0/1) or bool.
+    boxes: [N, (y1, x1, y2, x2)] continuous pixel boxes (floats allowed; an
+        integer pixel box with exclusive y2/x2 is the same thing). The h x w
+        cells of mask n span box n; they may extend beyond the image.
+    image_shape: (height, width[, ...]).
+
+    Returns [height, width, N] bool: a pixel is set when the bilinear
+    interpolation of the mask at the pixel's centre, with zeros outside the
+    mask, is >= ``threshold``. One vectorized pass over all instances (each
+    restricted to its box), no Python loop per instance.
     """
-    full_mask = np.zeros(tuple(image_shape[:2]), dtype=bool)
-    y1, x1, y2, x2 = (int(round(float(v))) for v in bbox[:4])
-    bh, bw = y2 - y1, x2 - x1
-    if bh <= 0 or bw <= 0:
-        return full_mask
-    m = resize(np.asarray(mask, dtype=np.float32), (bh, bw)) >= threshold
-    cy1, cx1, cy2, cx2 = _clip_box((y1, x1, y2, x2), image_shape)
-    if cy2 > cy1 and cx2 > cx1:
-        full_mask[cy1:cy2, cx1:cx2] = m[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
-    return full_mask
+    masks = np.asarray(masks, dtype=np.float32)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    height, width = (int(v) for v in image_shape[:2])
+    n = boxes.shape[0]
+    out = np.zeros((height, width, n), dtype=bool)
+    if n == 0:
+        return out
+    if masks.ndim != 3 or masks.shape[0] != n:
+        raise ValueError(f"paste_masks: masks must be [N={n}, h, w], got shape {masks.shape}")
+    y1, x1, y2, x2 = boxes.T
+    r0 = np.clip(np.floor(y1), 0, height).astype(np.int64)
+    r1 = np.clip(np.ceil(y2), 0, height).astype(np.int64)
+    c0 = np.clip(np.floor(x1), 0, width).astype(np.int64)
+    c1 = np.clip(np.ceil(x2), 0, width).astype(np.int64)
+    rows_max, cols_max = int((r1 - r0).max()), int((c1 - c0).max())
+    if rows_max <= 0 or cols_max <= 0:
+        return out
+    rows = r0[:, None] + np.arange(rows_max)                   # [N, rows_max]
+    cols = c0[:, None] + np.arange(cols_max)
+    wy = _interpolation_matrix(rows + 0.5, y1, y2, masks.shape[1]).astype(np.float32)
+    wx = _interpolation_matrix(cols + 0.5, x1, x2, masks.shape[2]).astype(np.float32)
+    values = (wy @ masks) @ wx.transpose(0, 2, 1)              # [N, rows_max, cols_max]
+    keep = (values >= threshold) & (rows < r1[:, None])[:, :, None] & (cols < c1[:, None])[:, None, :]
+    k, a, b = np.nonzero(keep)
+    out[rows[k, a], cols[k, b], k] = True
+    return out
 
 
 def expand_mask(bbox, mini_mask, image_shape):
@@ -444,14 +482,11 @@ def expand_mask(bbox, mini_mask, image_shape):
     mini_mask: [mini_height, mini_width, num_instances] bool.
     image_shape: (height, width[, channels]).
 
-    Returns: [height, width, num_instances] bool. Zero-area boxes give empty
-    masks; parts of a box outside the image are dropped.
+    Returns: [height, width, num_instances] bool (``paste_masks``). Zero-area
+    boxes give empty masks; parts of a box outside the image are dropped.
     """
     mini_mask = np.asarray(mini_mask)
-    mask = np.zeros(tuple(image_shape[:2]) + (mini_mask.shape[-1],), dtype=bool)
-    for i in range(mask.shape[-1]):
-        mask[:, :, i] = _paste_mask(mini_mask[:, :, i], bbox[i], image_shape, 0.5)
-    return mask
+    return paste_masks(np.moveaxis(mini_mask, -1, 0), np.asarray(bbox)[:, :4], image_shape, 0.5)
 
 
 def mold_mask(mask, config):
@@ -477,11 +512,11 @@ def unmold_mask(mask, bbox, image_shape):
     bbox: [y1, x1, y2, x2]. The box to fit the mask in (pixels).
     image_shape: (height, width[, channels]) of the full image.
 
-    Returns a bool mask [height, width] (threshold 0.5). The box may extend
-    beyond the image (only the visible part is pasted); a zero-area box gives
-    an empty mask.
+    Returns a bool mask [height, width] (threshold 0.5; ``paste_masks`` for
+    one instance). The box may extend beyond the image (only the visible part
+    is pasted); a zero-area box gives an empty mask.
     """
-    return _paste_mask(mask, bbox, image_shape, 0.5)
+    return paste_masks(np.asarray(mask)[None], np.asarray(bbox, np.float64)[None, :4], image_shape)[..., 0]
 
 
 ############################################################
