@@ -400,9 +400,10 @@ def build_coco_results(dataset, image_ids, rois, class_ids, scores, masks):
                 f"build_coco_results: image {image_id}: {n} rois but {len(img_class_ids)} "
                 f"class_ids, {len(img_scores)} scores and masks of shape {img_masks.shape} "
                 "(expected [H, W, N])")
+        rles = maskUtils.encode(np.asfortranarray(img_masks.astype(np.uint8))) if n else []
         for i in range(n):
             y1, x1, y2, x2 = (float(v) for v in img_rois[i])
-            rle = maskUtils.encode(np.asfortranarray(img_masks[:, :, i].astype(np.uint8)))
+            rle = rles[i]
             counts = rle["counts"]
             results.append({
                 "image_id": int(image_id),
@@ -421,10 +422,18 @@ def build_coco_results(dataset, image_ids, rois, class_ids, scores, masks):
 #  Reporting
 ############################################################
 
-def detect_dataset(model, dataset, image_ids=None, progress=True, on_image=None):
-    """Run ``model.detect`` over dataset images and collect COCO results.
+#: Detection settings of COCO-style results (Detectron, torchvision): every
+#: class of every ROI above 0.05 is a candidate, per-class NMS at 0.5, at most
+#: 100 detections per image. ``config.derive(**COCO_DETECTION)``.
+COCO_DETECTION = {"DETECTION_MODE": "coco", "DETECTION_MIN_CONFIDENCE": 0.05,
+                  "DETECTION_NMS_THRESHOLD": 0.5, "DETECTION_MAX_INSTANCES": 100}
 
-    model: an inference ``MaskRCNN`` (anything with ``detect([image])``).
+
+def detect_dataset(model, dataset, image_ids=None, progress=True, on_image=None):
+    """Run ``model.detect`` over dataset images, a batch at a time, and collect COCO results.
+
+    model: an inference ``MaskRCNN`` (anything with ``detect(images)`` and a
+        ``config.BATCH_SIZE``); images go to ``detect`` BATCH_SIZE at a time.
     dataset: a prepared ``CocoDataset`` (``image_info[i]["id"]`` is the COCO id).
     on_image: optional ``f(image_id, image, result)`` called per image (for
         extra metrics or figures).
@@ -432,17 +441,85 @@ def detect_dataset(model, dataset, image_ids=None, progress=True, on_image=None)
     """
     import time
     image_ids = list(dataset.image_ids if image_ids is None else image_ids)
+    batch = max(1, int(getattr(getattr(model, "config", None), "BATCH_SIZE", 1)))
     results, seconds = [], 0.
-    for image_id in tqdm(image_ids, desc="detect", unit="img", disable=not progress, leave=False):
-        image = dataset.load_image(image_id)
-        t0 = time.perf_counter()
-        r = model.detect([image])[0]
-        seconds += time.perf_counter() - t0
-        results.extend(build_coco_results(dataset, [dataset.image_info[image_id]["id"]], r["rois"],
-                                          r["class_ids"], r["scores"], r["masks"].astype(np.uint8)))
-        if on_image is not None:
-            on_image(image_id, image, r)
+    with tqdm(total=len(image_ids), desc="detect", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(image_ids), batch):
+            chunk = image_ids[start:start + batch]
+            images = [dataset.load_image(i) for i in chunk]
+            t0 = time.perf_counter()
+            detections = model.detect(images)
+            seconds += time.perf_counter() - t0
+            for image_id, image, r in zip(chunk, images, detections):
+                results.extend(build_coco_results(dataset, dataset.image_info[image_id]["id"], r["rois"],
+                                                  r["class_ids"], r["scores"], r["masks"]))
+                if on_image is not None:
+                    on_image(image_id, image, r)
+            bar.update(len(chunk))
     return results, seconds
+
+
+class PeriodicEvaluation:
+    """A ``MaskRCNN.train`` callback: COCO metrics of the model as it trains.
+
+    Every ``every`` epochs the training model's weights are copied (by layer
+    name) into ``inference_model`` (an inference ``MaskRCNN``, normally built
+    with ``config.derive(IMAGES_PER_GPU=..., **COCO_DETECTION)``), which
+    detects on ``dataset`` and is scored against ``coco_gt`` with
+    ``evaluate_all``. Each evaluation becomes a row of ``rows`` and of
+    ``<log_dir>/ap_curve.csv``: epoch, global step, training seconds so far
+    (the epochs' wall time, evaluation excluded) and ``<iou type>_<metric>``
+    for every metric (e.g. ``segm_AP``, ``boundary_AP50``).
+    """
+
+    def __init__(self, inference_model, dataset, coco_gt, every=1, image_ids=None, log_dir=None,
+                 iou_types=IOU_TYPES, progress=True):
+        self.inference_model = inference_model
+        self.dataset, self.coco_gt = dataset, coco_gt
+        self.every = max(1, int(every))
+        self.image_ids = list(dataset.image_ids if image_ids is None else image_ids)
+        self.log_dir = log_dir
+        self.iou_types = tuple(iou_types)
+        self.progress = progress
+        self.train_seconds = 0.
+        self.rows = []
+        self.model = None
+
+    def set_model(self, keras_model):
+        self.model = keras_model
+
+    def on_epoch_end(self, epoch, logs):
+        self.train_seconds += float(logs.get("seconds", 0.))
+        if (epoch + 1) % self.every:
+            return
+        self.copy_weights()
+        results, seconds = detect_dataset(self.inference_model, self.dataset, self.image_ids,
+                                          progress=self.progress)
+        coco_ids = [self.dataset.image_info[i]["id"] for i in self.image_ids]
+        metrics = evaluate_all(self.coco_gt, results, image_ids=coco_ids, iou_types=self.iou_types)
+        row = {"epoch": epoch + 1, "step": int(logs.get("step", 0)), "train_seconds": self.train_seconds,
+               "detect_ms_per_image": 1000. * seconds / max(1, len(self.image_ids))}
+        row.update({f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()})
+        self.rows.append(row)
+        log.info("epoch %d (step %d, %.0f s of training): mask AP %.3f, AP50 %.3f, Boundary AP %.3f, "
+                 "box AP %.3f", row["epoch"], row["step"], row["train_seconds"], row.get("segm_AP", -1),
+                 row.get("segm_AP50", -1), row.get("boundary_AP", -1), row.get("bbox_AP", -1))
+        if self.log_dir:
+            path = os.path.join(self.log_dir, "ap_curve.csv")
+            new = not os.path.exists(path)
+            with open(path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+    def copy_weights(self):
+        """Assign the training model's weights to the inference model, layer by layer."""
+        from mrcnn.checkpoints import layers_with_weights
+        source = layers_with_weights(self.model)
+        for name, layer in layers_with_weights(self.inference_model.keras_model).items():
+            for target, value in zip(layer.weights, source[name].weights):
+                target.assign(value)
 
 
 def evaluate_all(coco_gt, detections, image_ids=None, iou_types=IOU_TYPES, dilation_ratio=0.02):

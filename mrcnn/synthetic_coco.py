@@ -258,3 +258,20 @@ def ensure_coco_dataset(root, subset="train", year="2017", count=200, height=128
                               seed=seed, progress=progress, min_instances=min_instances,
                               max_instances=max_instances, negative_every=negative_every,
                               crowd_every=crowd_every)
+
+
+#: The built-in COCO-format data of ``samples/coco/coco.py`` and the
+#: benchmarks: 128x128 images, ``images`` train and ``images // 4`` val.
+BUILTIN = {"images": 400, "size": 128, "seeds": {"train": 1000, "val": 2000}}
+
+
+def ensure_builtin_coco(root, images=BUILTIN["images"], year="2017", progress=True):
+    """Generate (once) the built-in synthetic COCO data into ``root``: a
+    train split of ``images`` and a val split of ``images // 4`` images.
+    Returns ``root``."""
+    counts = {"train": images, "val": max(1, images // 4)}
+    for subset in ("train", "val"):
+        ensure_coco_dataset(root, subset=subset, year=year, count=counts[subset],
+                            height=BUILTIN["size"], width=BUILTIN["size"],
+                            seed=BUILTIN["seeds"][subset], progress=progress)
+    return root

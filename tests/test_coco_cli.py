@@ -19,7 +19,9 @@ def test_argparse_rejects_invalid_values(capsys):
     parser = coco.build_parser()
     for bad in (["train", "--edge-loss", "canny"], ["train", "--edge-loss-smoothing", "median"],
                 ["train", "--edge-loss-norm", "0.5"], ["train", "--edge-loss-filters", "roberts"],
-                ["evaluate", "--limit", "0"], ["train", "--training-mode", "quick"]):
+                ["evaluate", "--limit", "0"], ["train", "--training-mode", "quick"],
+                ["train", "--image-size", "100"], ["train", "--backbone", "vgg16"],
+                ["evaluate", "--detection-mode", "yolo"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
     err = capsys.readouterr().err
@@ -38,30 +40,81 @@ def test_cli_options_map_to_config():
     assert coco.make_config(coco.build_parser().parse_args(["train"])).EDGE_LOSS_FILTERS == []
 
 
-def test_stage_plan_follows_paper_proportions():
-    # 160k steps, 1000 steps/epoch: 40k heads, 80k 4+, 40k all at LR/10.
-    assert coco.stage_plan("full", 160000, 1000) == [("heads", 40, 1.0), ("4+", 120, 1.0), ("all", 160, 0.1)]
-    assert coco.stage_plan("base", 120000, 1000) == [("heads", 40, 1.0), ("4+", 120, 1.0)]
-    assert coco.stage_plan("fine", 40000, 1000) == [("all", 40, 0.1)]
-    # Tiny runs still give every stage at least one epoch.
-    assert [e for _, e, _ in coco.stage_plan("full", 8, 2)] == [1, 3, 4]
+def test_epoch_plan_runs_exactly_the_steps_in_the_paper_proportions():
+    # 160k steps, at most 160 epochs: 1000 steps each; 40k heads, 80k 4+, 40k all at LR/10.
+    assert coco.epoch_plan("full", 160000, 160) == (1000, [("heads", 40, 1.0), ("4+", 120, 1.0),
+                                                            ("all", 160, 0.1)])
+    assert coco.epoch_plan("base", 120000, 160) == (750, [("heads", 53, 1.0), ("4+", 160, 1.0)])
+    assert coco.epoch_plan("fine", 40000, 160) == (250, [("all", 160, 0.1)])
+    assert coco.epoch_plan("single", 4000, 10) == (400, [("all", 10, 1.0)])
+    for mode in coco.TRAINING_MODES:
+        for steps in (2, 3, 7, 8, 12, 997, 1000, 4001):
+            per_epoch, plan = coco.epoch_plan(mode, steps, 10)
+            assert per_epoch * plan[-1][1] == steps, (mode, steps)
+            ends = [end for _, end, _ in plan]
+            assert ends == sorted(set(ends))
+    # Too few epochs for three stages: the first stages and the last one run.
+    assert coco.epoch_plan("full", 2, 10) == (1, [("heads", 1, 1.0), ("all", 2, 0.1)])
+    assert coco.epoch_plan("full", 997, 10) == (997, [("all", 1, 0.1)])
+
+
+def test_full_mode_runs_its_last_stage_at_a_tenth_of_the_rate(tmp_path):
+    from mrcnn.training import learning_rate_at
+    run_cli(tmp_path, "train", "--training-mode", "full", "--steps", "12", "--image-size", "64")
+    run_dir = glob.glob(str(tmp_path / "logs" / "coco_builtin*"))[0]
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        history = list(csv.DictReader(f))
+    assert int(history[-1]["step"]) == 12 and len(history) == 6      # exactly 12 steps, 6 epochs of 2
+    config = coco.BuiltinCocoConfig().derive(LEARNING_RATE_SCHEDULE="constant")   # stages set the rates
+    lr = config.LEARNING_RATE
+    # Stages end at epochs 2, 4 and 6; the logged rate (warm-up included) of
+    # each step's last epoch is lr, lr, lr / 10.
+    for row in history:
+        epoch, step = int(row["epoch"]), int(row["step"])
+        factor = 0.1 if epoch > 4 else 1.0
+        assert float(row["lr"]) == pytest.approx(learning_rate_at(step - 1, lr * factor, 12, config)), row
+
+
+def test_own_coco_folder_with_three_categories_trains_and_evaluates(tmp_path):
+    """A COCO-format folder of 3 categories: NUM_CLASSES comes from its annotation files."""
+    from mrcnn.synthetic_coco import write_coco_dataset
+    root = tmp_path / "mine"
+    for subset, count in (("train", 8), ("val", 3)):
+        paths = write_coco_dataset(str(root), subset=subset, count=count, height=64, width=64, seed=5,
+                                   progress=False)
+        with open(paths.annotation_file) as f:
+            data = json.load(f)
+        keep = sorted(c["id"] for c in data["categories"])[:3]
+        data["categories"] = [c for c in data["categories"] if c["id"] in keep]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] in keep]
+        with open(paths.annotation_file, "w") as f:
+            json.dump(data, f)
+    common = ["--dataset", str(root), "--logs", str(tmp_path / "logs"), "--image-size", "64",
+              "--backbone", "resnet_small"]
+    model = coco.main(["train", *common, "--steps", "2"])
+    assert model.config.NUM_CLASSES == 4 and model.config.BACKBONE == "resnet_small"
+    assert tuple(model.config.IMAGE_SHAPE[:2]) == (64, 64)
+    metrics = coco.main(["evaluate", *common, "--figures", "0"])
+    assert set(metrics) >= {"bbox", "segm", "boundary"}
 
 
 def test_train_then_evaluate_on_builtin_data(tmp_path):
-    run_cli(tmp_path, "train", "--edge-loss", "sobel", "--steps", "8")
+    run_cli(tmp_path, "train", "--edge-loss", "sobel", "--steps", "8", "--image-size", "64")
     run_dirs = glob.glob(str(tmp_path / "logs" / "coco_builtin*"))
     assert len(run_dirs) == 1
     checkpoints = sorted(glob.glob(os.path.join(run_dirs[0], "mask_rcnn_coco_builtin_*.weights.h5")))
-    assert [os.path.basename(c)[-15:] for c in checkpoints] == [f"{e:04d}.weights.h5" for e in (1, 2, 3, 4)]
+    # 8 steps, at most 10 epochs: 8 epochs of one step (epoch_plan).
+    assert [os.path.basename(c)[-15:] for c in checkpoints] == [f"{e:04d}.weights.h5" for e in range(1, 9)]
     with open(os.path.join(run_dirs[0], "history.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and float(rows[-1]["mrcnn_mask_edge_loss"]) > 0
+    assert len(rows) == 8 and float(rows[-1]["mrcnn_mask_edge_loss"]) > 0
+    assert int(rows[-1]["step"]) == 8                               # --steps 8 runs exactly 8 steps
     with open(os.path.join(run_dirs[0], "steps.csv")) as f:
         assert "mrcnn_mask_edge_loss" in f.readline()
 
-    metrics = run_cli(tmp_path, "evaluate", "--limit", "5", "--figures", "1")
+    metrics = run_cli(tmp_path, "evaluate", "--limit", "5", "--figures", "1", "--image-size", "64")
     assert set(metrics) >= {"bbox", "segm", "boundary"}
-    stem = os.path.join(run_dirs[0], "eval_mask_rcnn_coco_builtin_0004")
+    stem = os.path.join(run_dirs[0], "eval_mask_rcnn_coco_builtin_0008")
     with open(stem + "_metrics.json") as f:
         stored = json.load(f)
     assert set(stored["segm"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -1,4 +1,4 @@
-"""Mask R-CNN on COCO, with the Edge Agreement Head.
+"""Mask R-CNN on COCO (or any COCO-format data), with the Edge Agreement Head.
 
     # Built-in synthetic COCO-format data (generated once, CPU-sized config):
     python samples/coco/coco.py train --edge-loss sobel
@@ -9,10 +9,21 @@
         --edge-loss sobel --training-mode full --steps 160000
     python samples/coco/coco.py evaluate --dataset /data/coco --model last --limit 500
 
-``--training-mode`` follows the paper (section 4): stage 1 trains the heads,
-stage 2 ResNet stage 4 and up, stage 3 all layers at LR/10, in the
-proportions 40k/80k/40k of ``--steps``. ``base`` runs stages 1-2, ``fine``
-stage 3 only (to fine-tune a trained model).
+    # Your own COCO-format folder: the classes come from its annotation files.
+    python samples/coco/coco.py train --dataset /data/mine --image-size 512 --backbone resnet50 --steps 20000
+
+``--training-mode``: "single" trains all layers in one stage with the
+config's schedule (warm-up, cosine decay for the built-in data; the default
+from random weights). "full" follows the paper (section 4): stage 1 trains the
+heads, stage 2 ResNet stage 4 and up, stage 3 all layers at LR/10, in the
+proportions 40k/80k/40k of ``--steps`` (the default from pre-trained
+weights); "base" runs stages 1-2, "fine" stage 3 only. ``--steps N`` runs
+exactly N steps; stage boundaries fall on whole epochs.
+
+``evaluate`` produces detections the way COCO results are usually produced
+(``--detection-mode coco``: every class above 0.05, per-class NMS 0.5, at
+most 100 per image); ``--detection-mode matterport`` uses matterport's
+(top class per ROI, NMS 0.3, all scores kept).
 """
 
 import argparse
@@ -29,10 +40,11 @@ ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 if ROOT_DIR not in sys.path:
     sys.path.insert(0, ROOT_DIR)
 
-from mrcnn.config import Config  # noqa: E402
+from mrcnn.config import BACKBONES, Config  # noqa: E402
 from mrcnn.coco_dataset import CocoDataset  # noqa: E402
 from mrcnn.edge_agreement import FILTERS  # noqa: E402
-from samples.shapes.shapes import ShapesConfig  # noqa: E402
+from mrcnn.presets import CpuConfig  # noqa: E402
+from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
 
 log = logging.getLogger("coco")
 
@@ -45,9 +57,14 @@ EDGE_PRESETS = {"none": [], "sobel": ["sobel"], "laplace": ["laplace"], "sobel+l
 SMOOTHING = {"none": (False, False), "gt": (True, False), "pred": (False, True), "both": (True, True)}
 # Paper section 4: 40k heads, 80k 4+, 40k all at LR/10.
 SCHEDULE = [("heads", 1, 1.0), ("4+", 2, 1.0), ("all", 1, 0.1)]
-TRAINING_MODES = {"full": (0, 1, 2), "base": (0, 1), "fine": (2,)}
+TRAINING_MODES = {"single": None, "full": (0, 1, 2), "base": (0, 1), "fine": (2,)}
 # Class-specific layers, excluded when loading weights trained on other classes.
 CLASS_SPECIFIC_LAYERS = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"]
+# Default total steps and most epochs (= checkpoints) of a run.
+DEFAULT_STEPS = {"builtin": 4000, "coco": 160000}
+MAX_EPOCHS = {"builtin": 10, "coco": 160}
+# Detections drawn in the evaluation figures (COCO AP ranks them all).
+FIGURE_MIN_SCORE = 0.5
 
 
 class CocoConfig(Config):
@@ -57,14 +74,9 @@ class CocoConfig(Config):
     NUM_CLASSES = 1 + 80
 
 
-class BuiltinCocoConfig(ShapesConfig):
-    """CPU-sized configuration for the built-in synthetic COCO data (128x128):
-    the shapes sample's config (small ResNet, narrow heads) under another name."""
+class BuiltinCocoConfig(CpuConfig):
+    """The CPU preset (``mrcnn.presets.CpuConfig``) for the built-in synthetic COCO data."""
     NAME = "coco_builtin"
-
-
-# Size of the built-in data: images per split and side length.
-BUILTIN = {"train": 400, "size": 128}
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +98,14 @@ def _seed(value):
     return n
 
 
+def _image_size(value):
+    n = int(value)
+    if n < 64 or n % 64:
+        raise argparse.ArgumentTypeError(f"{value!r}: the image size must be a positive multiple of 64 "
+                                         "(the FPN downsamples 6 times)")
+    return n
+
+
 def _positive_int(value):
     n = int(value)
     if n < 1:
@@ -102,7 +122,7 @@ def build_parser():
                              "default: the built-in synthetic data")
     parser.add_argument("--builtin-dir", metavar="DIR", default=DEFAULT_BUILTIN_DIR,
                         help="cache folder of the built-in data (default: %(default)s)")
-    parser.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["train"], metavar="N",
+    parser.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["images"], metavar="N",
                         help="built-in data: N train and N/4 val images (default: %(default)s)")
     parser.add_argument("--year", choices=["2014", "2017"], default="2017")
     parser.add_argument("--model", default=None, metavar="imagenet|coco|last|none|PATH",
@@ -122,34 +142,54 @@ def build_parser():
     parser.add_argument("--edge-loss-weight", type=float, default=1.0, metavar="W")
     parser.add_argument("--edge-loss-smoothing", choices=sorted(SMOOTHING), default="none",
                         help="Gaussian smoothing of the ground truth / prediction")
-    parser.add_argument("--training-mode", choices=sorted(TRAINING_MODES), default="full")
+    parser.add_argument("--training-mode", choices=sorted(TRAINING_MODES), default=None,
+                        help="single (default from random weights) or the paper's stages: full (default "
+                             "from pre-trained weights), base, fine")
     parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="total training steps over all stages (default: 1000 built-in, 160000 COCO)")
+                        help=f"total training steps over all stages, exactly (default: "
+                             f"{DEFAULT_STEPS['builtin']} built-in, {DEFAULT_STEPS['coco']} COCO)")
+    parser.add_argument("--image-size", type=_image_size, default=None, metavar="PIXELS",
+                        help="images are resized to fit and padded to PIXELS x PIXELS (a multiple of 64; "
+                             "default: 128 built-in, 1024 COCO)")
+    parser.add_argument("--backbone", choices=BACKBONES, default=None,
+                        help="default: resnet_small built-in, resnet101 COCO")
+    parser.add_argument("--on-bad-sample", choices=["raise", "skip"], default="raise",
+                        help="a training image that fails to load stops training (raise) or is skipped "
+                             "and reported at the end of the epoch (skip)")
+    parser.add_argument("--detection-mode", choices=["coco", "matterport"], default="coco",
+                        help="evaluate: COCO-style detections (every class > 0.05, NMS 0.5, 100 per image) "
+                             "or matterport's (top class per ROI, NMS 0.3, all scores)")
     parser.add_argument("--figures", type=int, default=4, metavar="N",
                         help="evaluate: save PNGs of the detections on the first N images")
     parser.add_argument("--no-augment", action="store_true", help="disable random horizontal flips")
     return parser
 
 
-def make_config(args, inference=False):
-    """The config for the dataset in use, with the edge-loss options applied."""
+def make_config(args, num_classes=None, inference=False):
+    """The config for the data in use: the edge-loss, size and backbone options
+    applied, NUM_CLASSES from the data (``num_classes``, background included)."""
+    from mrcnn.evaluation import COCO_DETECTION
     base = BuiltinCocoConfig if args.dataset is None else CocoConfig
     filters = args.edge_loss_filters if args.edge_loss_filters else EDGE_PRESETS[args.edge_loss]
     smooth_gt, smooth_pred = SMOOTHING[args.edge_loss_smoothing]
-
-    class RunConfig(base):
-        EDGE_LOSS_FILTERS = list(filters)
-        EDGE_LOSS_NORM = args.edge_loss_norm
-        EDGE_LOSS_WEIGHT = args.edge_loss_weight
-        EDGE_LOSS_SMOOTHING_GT = smooth_gt
-        EDGE_LOSS_SMOOTHING_PREDICTIONS = smooth_pred
-        if inference:
-            IMAGES_PER_GPU = 1
-            GPU_COUNT = 1
-            # COCO AP ranks all detections: keep low-confidence ones (matterport's coco.py too).
-            DETECTION_MIN_CONFIDENCE = 0.0
-    RunConfig.__name__ = base.__name__
-    return RunConfig()
+    fields = dict(EDGE_LOSS_FILTERS=list(filters), EDGE_LOSS_NORM=args.edge_loss_norm,
+                  EDGE_LOSS_WEIGHT=args.edge_loss_weight, EDGE_LOSS_SMOOTHING_GT=smooth_gt,
+                  EDGE_LOSS_SMOOTHING_PREDICTIONS=smooth_pred,
+                  ON_BAD_SAMPLE=getattr(args, "on_bad_sample", "raise"))
+    if num_classes is not None:
+        fields["NUM_CLASSES"] = int(num_classes)
+    if getattr(args, "image_size", None):
+        fields.update(IMAGE_MIN_DIM=args.image_size, IMAGE_MAX_DIM=args.image_size)
+    if getattr(args, "backbone", None):
+        fields["BACKBONE"] = args.backbone
+    if inference:
+        fields["GPU_COUNT"] = 1
+        if getattr(args, "detection_mode", "coco") == "coco":
+            fields.update(COCO_DETECTION)
+        else:
+            # matterport's coco.py: its own detection rule, and every score for the AP ranking.
+            fields.update(DETECTION_MODE="matterport", DETECTION_MIN_CONFIDENCE=0.0)
+    return base().derive(**fields)
 
 
 # ---------------------------------------------------------------------------
@@ -160,13 +200,8 @@ def dataset_root(args):
     """The COCO root in use; generates the built-in data on first use."""
     if args.dataset is not None:
         return args.dataset
-    from mrcnn.synthetic import ensure_coco_dataset
-    counts = {"train": args.builtin_images, "val": max(1, args.builtin_images // 4)}
-    for subset in ("train", "val"):
-        ensure_coco_dataset(args.builtin_dir, subset=subset, year=args.year, count=counts[subset],
-                            height=BUILTIN["size"], width=BUILTIN["size"],
-                            seed=1000 if subset == "train" else 2000)
-    return args.builtin_dir
+    from mrcnn.synthetic_coco import ensure_builtin_coco
+    return ensure_builtin_coco(args.builtin_dir, images=args.builtin_images, year=args.year)
 
 
 def load_subset(root, subset, year, limit=None, return_coco=False):
@@ -217,33 +252,58 @@ def resolve_weights(model, choice):
 # Commands
 # ---------------------------------------------------------------------------
 
-def stage_plan(mode, total_steps, steps_per_epoch):
-    """[(layers, end_epoch, lr_factor)] of the paper's schedule for ``mode``."""
-    stages = [SCHEDULE[i] for i in TRAINING_MODES[mode]]
+def epoch_plan(mode, total_steps, max_epochs):
+    """How ``--training-mode mode`` runs exactly ``total_steps`` steps.
+
+    Returns (steps_per_epoch, [(layers, end_epoch, lr_factor), ...]): the
+    epochs are the largest divisor E of total_steps that is at most
+    ``max_epochs`` (and at least the number of stages when possible), so
+    that E x steps_per_epoch == total_steps; each stage ends on a whole
+    epoch, in the paper's proportions rounded, and gets at least one. With
+    fewer epochs than stages, the first stages and the last one run.
+    """
+    stages = [("all", 1, 1.0)] if TRAINING_MODES[mode] is None else [SCHEDULE[i] for i in TRAINING_MODES[mode]]
+    divisors = [d for d in range(1, min(total_steps, max_epochs) + 1) if total_steps % d == 0]
+    enough = [d for d in divisors if d >= len(stages)]
+    epochs = max(enough or divisors)
+    if epochs < len(stages):
+        log.warning("%d steps make only %d epochs: --training-mode %s runs %d of its %d stages "
+                    "(the last one included)", total_steps, epochs, mode, epochs, len(stages))
+        stages = stages[:epochs - 1] + stages[-1:]
     parts = sum(s[1] for s in stages)
-    plan, steps = [], 0
-    for layers, weight, lr_factor in stages:
-        steps += total_steps * weight / parts
-        end_epoch = max(int(round(steps / steps_per_epoch)), (plan[-1][1] + 1) if plan else 1)
-        plan.append((layers, end_epoch, lr_factor))
-    return plan
+    plan, done = [], 0
+    for k, (layers, weight, lr_factor) in enumerate(stages):
+        done += weight
+        left = len(stages) - 1 - k          # later stages need an epoch each
+        end = int(round(epochs * done / parts))
+        end = min(max(end, (plan[-1][1] if plan else 0) + 1), epochs - left)
+        plan.append((layers, end, lr_factor))
+    return total_steps // epochs, plan
 
 
 def train(args):
     import keras
     from mrcnn import model as modellib
     root = dataset_root(args)
-    config = make_config(args)
-    total = args.steps or (1000 if args.dataset is None else 160000)
-    config.STEPS_PER_EPOCH = min(config.STEPS_PER_EPOCH if args.dataset is None else 1000,
-                                 max(1, total // 4))
     log.info("dataset: %s", describe_dataset(args, root))
-    log.info("config: %s (%s, %dx%d images, batch %d); edge loss: %s", type(config).__name__,
-             config.BACKBONE, config.IMAGE_SHAPE[0], config.IMAGE_SHAPE[1], config.BATCH_SIZE,
-             config.EDGE_LOSS_FILTERS or "off")
-    config.display()
     train_set = load_subset(root, "train", args.year)
     val_set = load_subset(root, "val", args.year)
+    if val_set.class_names != train_set.class_names:
+        raise ValueError(f"{root}: the train and val annotation files have different categories "
+                         f"({train_set.class_names[1:]} vs {val_set.class_names[1:]})")
+    kind = "builtin" if args.dataset is None else "coco"
+    total = args.steps or DEFAULT_STEPS[kind]
+    mode = args.training_mode or ("single" if args.model in (None, "none") else "full")
+    steps_per_epoch, plan = epoch_plan(mode, total, MAX_EPOCHS[kind])
+    config = make_config(args, num_classes=train_set.num_classes)
+    overrides = {"STEPS_PER_EPOCH": steps_per_epoch, "VALIDATION_STEPS": min(config.VALIDATION_STEPS, 5)}
+    if mode != "single":
+        overrides["LEARNING_RATE_SCHEDULE"] = "constant"   # each stage runs at its own rate
+    config = config.derive(**overrides)
+    log.info("config: %s (%s, %dx%d images, batch %d, %d classes); edge loss: %s", type(config).__name__,
+             config.BACKBONE, config.IMAGE_SHAPE[0], config.IMAGE_SHAPE[1], config.BATCH_SIZE,
+             config.NUM_CLASSES, config.EDGE_LOSS_FILTERS or "off")
+    config.display()
     keras.utils.set_random_seed(args.seed)  # before building: fixes the initial weights
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=args.logs)
     path, exclude = resolve_weights(model, args.model)
@@ -251,14 +311,13 @@ def train(args):
         log.info("loading weights %s", path)
         model.load_weights(path, by_name=True, exclude=exclude)
     augmentation = None if args.no_augment else "fliplr"
-    plan = stage_plan(args.training_mode, total, config.STEPS_PER_EPOCH)
-    if path is None:
+    if path is None and mode != "single":
         # Freezing a randomly initialised backbone teaches it nothing: from
         # scratch, every stage trains all layers (the LR schedule is kept).
         plan = [("all", end, lr) for _, end, lr in plan]
         log.info("no pre-trained weights (--model none): all layers train in every stage")
-    log.info("schedule (%s, %d steps, %d steps/epoch): %s", args.training_mode, total,
-             config.STEPS_PER_EPOCH, plan)
+    log.info("training mode %s: %d steps = %d epochs x %d steps; stages (layers, last epoch, lr factor): %s",
+             mode, total, plan[-1][1], steps_per_epoch, plan)
     t0 = time.time()
     for layers, end_epoch, lr_factor in plan:
         if model.epoch >= end_epoch:
@@ -274,13 +333,15 @@ def train(args):
 def evaluate(args):
     from mrcnn import evaluation, metrics, model as modellib, visualize
     root = dataset_root(args)
-    config = make_config(args, inference=True)
     limit = args.limit or (None if args.dataset is None else 500)
     log.info("dataset: %s; evaluating on %s val images", describe_dataset(args, root),
              limit if limit else "all")
     subset = "minival" if args.dataset is not None and args.year == "2014" else "val"
     dataset, coco = load_subset(root, subset, args.year,
                                 limit=limit, return_coco=True)
+    config = make_config(args, num_classes=dataset.num_classes, inference=True)
+    log.info("detections: %s mode, score >= %g, NMS %g, at most %d per image", config.DETECTION_MODE,
+             config.DETECTION_MIN_CONFIDENCE, config.DETECTION_NMS_THRESHOLD, config.DETECTION_MAX_INSTANCES)
     model = modellib.MaskRCNN(mode="inference", config=config, model_dir=args.logs)
     path, exclude = resolve_weights(model, args.model or "last")
     if path is None:
@@ -292,6 +353,8 @@ def evaluate(args):
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "eval_" + (os.path.splitext(os.path.basename(path))[0]
                                              .replace(".weights", "") if path else "random"))
+    if args.detection_mode != "coco":
+        stem += "_" + args.detection_mode
     aps = []
 
     def score_and_draw(image_id, image, r):
@@ -299,8 +362,11 @@ def evaluate(args):
         if ap is not None:
             aps.append(ap)
         if image_id in image_ids[:args.figures]:
-            visualize.display_instances(image, r["rois"], r["masks"], r["class_ids"], dataset.class_names,
-                                        r["scores"], title=f"image {dataset.image_info[image_id]['id']}",
+            shown = r["scores"] >= FIGURE_MIN_SCORE
+            visualize.display_instances(image, r["rois"][shown], r["masks"][:, :, shown], r["class_ids"][shown],
+                                        dataset.class_names, r["scores"][shown],
+                                        title=f"image {dataset.image_info[image_id]['id']} "
+                                              f"(scores >= {FIGURE_MIN_SCORE})",
                                         figsize=(6, 6), save_path=f"{stem}_image{image_ids.index(image_id)}.png")
 
     results, seconds = evaluation.detect_dataset(model, dataset, image_ids, on_image=score_and_draw)
@@ -308,7 +374,8 @@ def evaluate(args):
     metrics = evaluation.evaluate_all(coco, results, image_ids=coco_ids)
     table = evaluation.summarize_table(metrics)
     map50 = float(np.mean(aps)) if aps else 0.0
-    print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images "
+    print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images, {args.detection_mode} "
+          f"detections "
           f"({1000 * seconds / max(1, len(image_ids)):.0f} ms/image detect):\n{table}\n"
           f"mAP@0.5 (matterport compute_ap, mean over {len(aps)} images): "
           f"{map50:.3f}")

@@ -111,7 +111,7 @@ def build_parser():
     run.add_argument("--log-every", type=coco._positive_int, default=10, help="steps between loss rows")
     run.add_argument("--builtin-dir", default=coco.DEFAULT_BUILTIN_DIR, metavar="DIR",
                      help="cache folder of the built-in data (default: %(default)s)")
-    run.add_argument("--builtin-images", type=coco._positive_int, default=coco.BUILTIN["train"], metavar="N",
+    run.add_argument("--builtin-images", type=coco._positive_int, default=coco.BUILTIN["images"], metavar="N",
                      help="built-in data: N train and N/4 val images, as coco.py (default: %(default)s)")
     run.add_argument("--set", type=_config_override, action="append", default=[], metavar="KEY=VALUE",
                      dest="overrides", help="config override for all arms, e.g. IMAGES_PER_GPU=2")
