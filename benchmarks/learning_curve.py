@@ -8,7 +8,7 @@ detections (``evaluation.COCO_DETECTION``: every class above 0.05, NMS 0.5,
 far (evaluation time excluded, compilation included), mask AP, AP50, AP75,
 Boundary AP and box AP.
 
-    .venv/bin/python benchmarks/learning_curve.py                          # CpuConfig, 16000 steps, 8 evaluations
+    .venv/bin/python benchmarks/learning_curve.py                          # CpuConfig, 15000 steps, 6 evaluations
     .venv/bin/python benchmarks/learning_curve.py --steps 2000 --evals 4 --set LEARNING_RATE=0.04
     .venv/bin/python benchmarks/learning_curve.py --edge-loss sobel --json curve.json
 
@@ -48,13 +48,14 @@ def load_config_class(dotted):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="mrcnn.presets.CpuConfig", help="dotted path of a Config class")
-    p.add_argument("--steps", type=int, default=16000, help="training steps in total")
-    p.add_argument("--evals", type=int, default=8, help="evaluations, evenly spaced (one per epoch)")
+    p.add_argument("--steps", type=int, default=15000, help="training steps in total")
+    p.add_argument("--evals", type=int, default=6, help="evaluations, evenly spaced (one per epoch)")
     p.add_argument("--set", type=parse_set, action="append", default=[], dest="overrides",
                    metavar="KEY=VALUE", help="config override (Python literal), repeatable")
     p.add_argument("--edge-loss", nargs="*", default=[], metavar="FILTER", help="edge loss filters, e.g. sobel")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=400, help="built-in train images (val: a quarter)")
+    p.add_argument("--images", type=int, default=2000, help="built-in train images")
+    p.add_argument("--val-images", type=int, default=100, help="built-in val images (the same for any --images)")
     p.add_argument("--builtin-dir", default=os.path.join(ROOT_DIR, "data", "builtin-coco"))
     p.add_argument("--out", default=os.path.join(ROOT_DIR, "logs", "learning_curve"))
     p.add_argument("--eval-batch", type=int, default=4, help="images per detect() call")
@@ -72,7 +73,7 @@ def main(argv=None):
     base = load_config_class(args.config)
     config = base().derive(STEPS_PER_EPOCH=args.steps // args.evals, VALIDATION_STEPS=0,
                            EDGE_LOSS_FILTERS=list(args.edge_loss), **dict(args.overrides))
-    root = ensure_builtin_coco(args.builtin_dir, images=args.images)
+    root = ensure_builtin_coco(args.builtin_dir, images=args.images, val_images=args.val_images)
     datasets = {"train": CocoDataset(), "val": CocoDataset()}
     datasets["train"].load_coco(root, "train")
     val_coco = datasets["val"].load_coco(root, "val", return_coco=True)

@@ -6,7 +6,23 @@ What is measured, for each image size (default 256x256 and 512x512):
   clipping, SGD update) on a batch of 2 images, batches prepared beforehand;
 - inference: milliseconds per image of one-image detection through each
   library's public path (``MaskRCNN.detect([image])`` here; ``model([x])`` in
-  eval mode under ``torch.no_grad()`` there, from the same uint8 image).
+  eval mode under ``torch.no_grad()`` there, from the same uint8 image), in two
+  regimes, both timed and reported with the mean number of detections per image
+  of each side:
+
+  * "score >= 0.05": the equal configuration's thresholds
+    (``DETECTION_MIN_CONFIDENCE`` / ``box_score_thresh``). The two models may
+    keep different numbers of detections (with random-init or barely-trained
+    weights this library often keeps 100, torchvision often 0), and the mask
+    head runs only on the detections, so this is not equal work;
+  * "100 detections": score threshold 0 on both sides (a second inference model
+    here, built with ``DETECTION_MIN_CONFIDENCE=0.0``, which keeps every
+    candidate with a positive score; ``model.roi_heads.score_thresh = 0.0``
+    there, restored afterwards), so that both keep ``DETECTION_MAX_INSTANCES``
+    = 100 detections per image: equal work.
+
+  Both inference models of this library get the training model's current
+  weights before they are timed (untimed copy).
 
 Both models are ResNet-50 FPN from random init with trainable BatchNorm and all
 layers trainable, 81 classes, 256 RPN anchors per image, 1000 post-NMS
@@ -14,17 +30,30 @@ proposals, 128 sampled ROIs per image (25% positive), 28x28 masks, SGD
 (momentum 0.9, weight decay 1e-4) with gradient clipping at 5, trained on
 exactly the same synthetic images in the same order. The shared settings are
 one dict (``EQUAL_CONFIG`` below), printed with the report; torchvision's
-arguments are derived from it.
+arguments are derived from it. ``--set KEY=VALUE`` changes that base
+configuration for every side, torchvision's derived arguments included.
+
+Variants: ``--variant NAME=KEY=VALUE[,KEY=VALUE...]`` (repeatable; values are
+Python literals, as for ``--set``) adds another side of this library, with its
+own training and inference models built from the equal configuration plus the
+variant's overrides (e.g. ``JIT_COMPILE=True``, or
+``MIXED_PRECISION="mixed_bfloat16"``). Variants never change torchvision. All
+sides live in one process (each model is built under its own dtype policy), are
+timed in the same blocks, and get one column each in the table, with a ratio
+column (this side / torchvision) each.
 
 How it runs: this script runs in the project's venv and never imports torch.
 The torchvision side is this same file, started as a child process with the
 interpreter of a separate venv (``--torch-python``); the two talk over a pipe,
-one JSON line per command. The parent alternates timed blocks in ABBA order
-(ours, theirs, theirs, ours, ...) so that machine noise hits both sides alike;
-the side waiting on the pipe is idle, so the two never run at the same time.
-Warm-up steps and images (``--warmup``) run on both sides before any timing.
-Threads: torch is set to 2 threads (``--torch-threads``); TensorFlow is left at
-its defaults, which use every core (2 on the machine this was written for).
+one JSON line per command. The parent runs timed blocks, in each of which every
+side in turn does its training steps, then its inference images of both
+regimes. The order of the sides rotates every other block and is reversed
+every other block (two sides: ABBA, ours, theirs, theirs, ours, ...; three:
+ABC, CBA, BCA, ACB, ...), so that machine noise hits all sides alike; the sides
+that wait are idle, so no two run at the same time. Warm-up steps and images
+(``--warmup``, both regimes) run on every side before any timing. Threads:
+torch is set to 2 threads (``--torch-threads``); TensorFlow is left at its
+defaults, which use every core (2 on the machine this was written for).
 
 Install torchvision in its own venv (about 70 s; on x86_64 pip pulls a CUDA
 build, ~5.5 GB, which runs on the CPU here):
@@ -35,13 +64,16 @@ Examples (from the repository root):
 
     .venv/bin/python benchmarks/vs_torchvision.py                       # 256 and 512, 4 blocks per side
     .venv/bin/python benchmarks/vs_torchvision.py --sizes 256 --blocks 1 --steps 1 --warmup 1 --infer-images 1
-    .venv/bin/python benchmarks/vs_torchvision.py --ours-only --set JIT_COMPILE=True
-    .venv/bin/python benchmarks/vs_torchvision.py --set MIXED_PRECISION='"mixed_bfloat16"' --json bench.json
+    .venv/bin/python benchmarks/vs_torchvision.py --variant xla=JIT_COMPILE=True --variant bf16=MIXED_PRECISION='"mixed_bfloat16"'
+    .venv/bin/python benchmarks/vs_torchvision.py --variant xla_bf16=JIT_COMPILE=True,MIXED_PRECISION='"mixed_bfloat16"' --json bench.json
+    .venv/bin/python benchmarks/vs_torchvision.py --ours-only --variant xla=JIT_COMPILE=True
+    .venv/bin/python benchmarks/vs_torchvision.py --set POST_NMS_ROIS_INFERENCE=500   # every side, torchvision too
     .venv/bin/python benchmarks/vs_torchvision.py --torch-python /path/to/other/venv/bin/python
 
 Without torch/torchvision the script prints these instructions and exits with
-status 0 ("torchvision side skipped"); ``--ours-only`` times this library alone.
-stdout is the report; progress goes to stderr.
+status 0 ("torchvision side skipped"); ``--ours-only`` times this library (and
+its variants) alone. stdout is the report (``--json``: raw timings per side,
+machine info, the summary); progress goes to stderr.
 """
 
 import argparse
@@ -204,19 +236,29 @@ def torch_worker(npz_path, size):
             losses.append(value)
         return {"seconds": seconds, "losses": losses}
 
-    def infer(count):
+    def infer(count, score_thresh=None):
+        """`count` one-image detections; `score_thresh` overrides the box score
+        threshold for these calls only (restored afterwards)."""
         model.eval()
         seconds, detections = [], []
-        with torch.no_grad():
-            for _ in range(count):
-                image = images[state["image"] % n_images]
-                state["image"] += 1
-                t0 = time.perf_counter()
-                out = model([to_tensor(image)])[0]
-                result = {k: v.numpy() for k, v in out.items()}
-                seconds.append(time.perf_counter() - t0)
-                detections.append(int(len(result["scores"])))
-        return {"seconds": seconds, "detections": detections}
+        saved = model.roi_heads.score_thresh
+        if score_thresh is not None:
+            model.roi_heads.score_thresh = float(score_thresh)
+        try:
+            with torch.no_grad():
+                for _ in range(count):
+                    image = images[state["image"] % n_images]
+                    state["image"] += 1
+                    t0 = time.perf_counter()
+                    out = model([to_tensor(image)])[0]
+                    result = {k: v.numpy() for k, v in out.items()}
+                    seconds.append(time.perf_counter() - t0)
+                    detections.append(int(len(result["scores"])))
+        finally:
+            model.roi_heads.score_thresh = saved
+        return {"seconds": seconds, "detections": detections,
+                "score_thresh": float(model.roi_heads.score_thresh if score_thresh is None
+                                      else score_thresh)}
 
     reply({"ok": True, "ready": True, "torch": torch.__version__,
            "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
@@ -235,7 +277,7 @@ def torch_worker(npz_path, size):
             elif cmd["cmd"] == "train":
                 reply(dict(ok=True, **train(int(cmd["steps"]))))
             elif cmd["cmd"] == "infer":
-                reply(dict(ok=True, **infer(int(cmd["images"]))))
+                reply(dict(ok=True, **infer(int(cmd["images"]), cmd.get("score_thresh"))))
             else:
                 reply({"ok": False, "error": f"unknown command {cmd!r}"})
         except Exception:
@@ -377,10 +419,22 @@ def rpn_conv_width(keras_model):
     return None
 
 
-class OursSide:
-    """Training and inference models of this library for one image size."""
+# Inference regimes, as keys of the raw timings and summaries: "infer" at the
+# configuration's DETECTION_MIN_CONFIDENCE, "infer_100" at score threshold 0.
+REGIMES = ("infer", "infer_100")
 
-    def __init__(self, cfg, size, ds, images, log_dir):
+
+class OursSide:
+    """Training model and the two inference models of this library (one side:
+    the default, or a variant) for one image size.
+
+    ``self.inf["infer"]`` is built from the configuration as is (score >=
+    DETECTION_MIN_CONFIDENCE); ``self.inf["infer_100"]`` from the same
+    configuration with DETECTION_MIN_CONFIDENCE=0.0 (every candidate with a
+    positive score, so DETECTION_MAX_INSTANCES detections per image).
+    """
+
+    def __init__(self, cfg, size, ds, images, log_dir, label="ours"):
         import keras
         import numpy as np
         import tensorflow as tf
@@ -388,23 +442,30 @@ class OursSide:
         from mrcnn.data import build_batch
         from mrcnn.training import Trainer, set_trainable
 
+        self.label = label
         self.config = make_config(cfg, size)
         if ds.num_classes != self.config.NUM_CLASSES:
             raise SystemExit(f"dataset has {ds.num_classes} classes, NUM_CLASSES={self.config.NUM_CLASSES}")
+        bs = self.config.BATCH_SIZE
+        n_batches = len(ds.image_ids) // bs
+        if n_batches < 1:
+            raise SystemExit(f"{label}: batch size {bs} is larger than the {len(ds.image_ids)} images")
         keras.utils.set_random_seed(0)
         self.m = modellib.MaskRCNN("training", self.config, model_dir=log_dir)
         set_trainable(self.m.keras_model, "all")
         self.trainer = Trainer(self.m, self.config.LEARNING_RATE, seed=0)
-        bs = self.config.BATCH_SIZE
-        n_batches = len(ds.image_ids) // bs
         self.batches = []
         for b in range(n_batches):
             batch = build_batch(ds, self.config, ds.image_ids[b * bs:(b + 1) * bs], seed=b)
             self.batches.append({k: tf.constant(v) for k, v in batch.items()})
         self.images = images
         self.inf_config = make_config(cfg, size, images_per_gpu=1)
-        self.inf = modellib.MaskRCNN("inference", self.inf_config, model_dir=log_dir)
+        self.inf_configs = {"infer": self.inf_config,
+                            "infer_100": self.inf_config.derive(DETECTION_MIN_CONFIDENCE=0.0)}
+        self.inf = {regime: modellib.MaskRCNN("inference", c, model_dir=log_dir)
+                    for regime, c in self.inf_configs.items()}
         self.log_dir = log_dir
+        self.sync_path = os.path.join(log_dir, f"bench_sync_{label}.weights.h5")
         self.state = {"step": 0, "image": 0}
         km = self.m.keras_model
         self.info = {
@@ -413,10 +474,16 @@ class OursSide:
             "rpn_conv_channels": rpn_conv_width(km),
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "mixed_precision": self.config.MIXED_PRECISION,
+            "jit_compile": bool(self.config.JIT_COMPILE),
+            "detection_min_confidence": {r: float(c.DETECTION_MIN_CONFIDENCE)
+                                         for r, c in self.inf_configs.items()},
         }
-        self._synced = False
-        self._first_sync = True
-        self.sync_inference_weights()
+        self._saved = False           # the sync file holds the training model's current weights
+        self._synced = set()          # regimes whose inference model has them
+        self._loaded_once = set()
+        for regime in REGIMES:
+            self.sync_inference_weights(regime)
 
     def train(self, steps):
         seconds, losses = [], []
@@ -428,40 +495,45 @@ class OursSide:
             value = float(out["loss"])
             seconds.append(time.perf_counter() - t0)
             losses.append(value)
-        self._synced = False
+        self._saved = False
+        self._synced = set()
         return {"seconds": seconds, "losses": losses}
 
-    def sync_inference_weights(self):
-        """Copy the training model's current weights into the inference model (untimed).
+    def sync_inference_weights(self, regime):
+        """Copy the training model's current weights into an inference model (untimed).
 
         The first copy goes through ``MaskRCNN.load_weights``, which also drops
         the traced predict function (retraced during the warm-up). Later copies
         assign the same variables in place with ``checkpoints.load_into``, so
-        the timed ``detect`` calls never retrace.
+        the timed ``detect`` calls never retrace. One save serves both models.
         """
-        if self._synced:
+        if regime in self._synced:
             return
         from mrcnn.checkpoints import layers_with_weights, load_into
-        path = os.path.join(self.log_dir, "bench_sync.weights.h5")
-        self.m.save_weights(path)
-        if self._first_sync:
-            loaded = self.inf.load_weights(path, by_name=True)
-            self._first_sync = False
+        if not self._saved:
+            self.m.save_weights(self.sync_path)
+            self._saved = True
+        inf = self.inf[regime]
+        if regime not in self._loaded_once:
+            loaded = inf.load_weights(self.sync_path, by_name=True)
+            self._loaded_once.add(regime)
         else:
-            loaded = load_into(self.inf.keras_model, path, by_name=True)
-        expected = len(layers_with_weights(self.inf.keras_model))
+            loaded = load_into(inf.keras_model, self.sync_path, by_name=True)
+        expected = len(layers_with_weights(inf.keras_model))
         if len(loaded) != expected:
-            progress(f"warning: copied {len(loaded)} of {expected} layers to the inference model")
-        self._synced = True
+            progress(f"warning: {self.label}: copied {len(loaded)} of {expected} layers "
+                     f"to the {regime} inference model")
+        self._synced.add(regime)
 
-    def infer(self, count):
-        self.sync_inference_weights()
+    def infer(self, count, regime="infer"):
+        self.sync_inference_weights(regime)
+        inf = self.inf[regime]
         seconds, detections = [], []
         for _ in range(count):
             image = self.images[self.state["image"] % len(self.images)]
             self.state["image"] += 1
             t0 = time.perf_counter()
-            r = self.inf.detect([image])[0]
+            r = inf.detect([image])[0]
             seconds.append(time.perf_counter() - t0)
             detections.append(int(len(r["class_ids"])))
         return {"seconds": seconds, "detections": detections}
@@ -496,38 +568,96 @@ def fmt(x, digits):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def table(size, summary, torch_label):
-    ours, theirs = summary["ours"], summary["theirs"]
-    rows = [f"| {size}x{size} | this library | {torch_label} | ratio (ours / theirs) |",
-            "|---|---:|---:|---:|"]
-    for key, label, digits in (("train", "train s/step", 3), ("infer", "inference ms/image", 1)):
-        for stat in ("median", "min"):
-            a = ours[key][stat] if ours.get(key) else None
-            b = theirs[key][stat] if theirs and theirs.get(key) else None
-            ratio = a / b if a is not None and b else None
-            rows.append(f"| {label} ({stat}) | {fmt(a, digits)} | {fmt(b, digits)} | {fmt(ratio, 2)} |")
+def regime_labels(cfg):
+    return {"infer": f"score >= {float(cfg['DETECTION_MIN_CONFIDENCE']):g}",
+            "infer_100": f"{int(cfg['DETECTION_MAX_INSTANCES'])} detections"}
+
+
+def side_label(name):
+    return "this library" if name == "ours" else f"this library [{name}]"
+
+
+def table(size, summary, ours_names, torch_label, cfg):
+    """One column per side of this library, then torchvision, then one ratio
+    column (this side / torchvision) per side of this library."""
+    theirs = summary.get("theirs")
+    short = {n: ("ours" if n == "ours" else n) for n in ours_names}
+    header = ([f"{size}x{size}"] + [side_label(n) for n in ours_names] + [torch_label]
+              + [f"ratio ({short[n]} / torchvision)" for n in ours_names])
+    rows = ["| " + " | ".join(header) + " |",
+            "|---|" + "---:|" * (len(header) - 1)]
+
+    def stat(side, key, st):
+        return side[key][st] if side and side.get(key) else None
+
+    def timing_row(label, key, st, digits):
+        vals = [stat(summary[n], key, st) for n in ours_names]
+        b = stat(theirs, key, st)
+        ratios = [a / b if a is not None and b else None for a in vals]
+        cells = ([label] + [fmt(a, digits) for a in vals] + [fmt(b, digits)]
+                 + [fmt(r, 2) for r in ratios])
+        rows.append("| " + " | ".join(cells) + " |")
+
+    def detections_row(label, regime):
+        def mean(side):
+            return side["detections"].get(regime) if side else None
+        cells = ([label] + [fmt(mean(summary[n]), 1) for n in ours_names]
+                 + [fmt(mean(theirs), 1)] + [""] * len(ours_names))
+        rows.append("| " + " | ".join(cells) + " |")
+
+    for st in ("median", "min"):
+        timing_row(f"train s/step ({st})", "train", st, 3)
+    labels = regime_labels(cfg)
+    for regime in REGIMES:
+        for st in ("median", "min"):
+            timing_row(f"inference ms/image, {labels[regime]} ({st})", regime, st, 1)
+        detections_row(f"detections/image, {labels[regime]} (mean)", regime)
+
     def counts(side):
         if not side:
             return "—"
-        n = [side[k]["n"] if side.get(k) else 0 for k in ("train", "infer")]
-        return f"{n[0]} steps / {n[1]} images"
-    n_ours, n_theirs = counts(ours), counts(theirs)
-    rows.append(f"| timed | {n_ours} | {n_theirs} | |")
+        n = [side[k]["n"] if side.get(k) else 0 for k in ("train",) + REGIMES]
+        return f"{n[0]} steps / {n[1]} + {n[2]} images"
+    rows.append("| " + " | ".join(["timed"] + [counts(summary[n]) for n in ours_names]
+                                  + [counts(theirs)] + [""] * len(ours_names)) + " |")
     return "\n".join(rows)
 
 
-def parse_sets(items):
+def parse_sets(items, option="--set"):
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+            raise SystemExit(f"{option} {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         key = key.strip()
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"--set {item!r}: VALUE must be a Python literal "
-                             f"(quote strings: --set {key}='\"{value}\"')")
+            raise SystemExit(f"{option} {item!r}: VALUE must be a Python literal "
+                             f"(quote strings: {option} {key}='\"{value}\"')")
+    return out
+
+
+def parse_variants(items):
+    """``NAME=KEY=VALUE[,KEY=VALUE...]`` -> {NAME: {KEY: value}}, in order.
+
+    The pairs are split at commas followed by ``KEY=``, so list or tuple values
+    (``MASK_SHAPE=[14,14]``) keep their commas.
+    """
+    import re
+    out = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not rest.strip():
+            raise SystemExit(f"--variant {item!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name.lower() in ("ours", "theirs", "torchvision"):
+            raise SystemExit(f"--variant {item!r}: NAME must be letters, digits, _ . + - "
+                             "and not ours, theirs or torchvision")
+        if name in out:
+            raise SystemExit(f"--variant {name!r} given twice")
+        pairs = re.split(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)", rest)
+        out[name] = parse_sets([p.strip() for p in pairs], option=f"--variant {name}")
     return out
 
 
@@ -535,7 +665,7 @@ def parse_sets(items):
 # main
 # ===========================================================================
 
-def run_size(size, cfg, args, torch_python, tmp, results):
+def run_size(size, cfg, variants, args, torch_python, tmp, results):
     ds = make_dataset(args.batches * int(cfg["IMAGES_PER_GPU"]), size)
     tv = torchvision_kwargs(cfg, size)
     npz_path = os.path.join(tmp, f"data_{size}.npz")
@@ -547,53 +677,91 @@ def run_size(size, cfg, args, torch_python, tmp, results):
         if torch_python:
             progress(f"[{size}] starting the torchvision worker ({torch_python})")
             child = TorchChild(torch_python, npz_path, size, tmp)
-        progress(f"[{size}] building this library's training and inference models")
-        ours = OursSide(cfg, size, ds, list(images), tmp)
+        ours = {}
+        for name, overrides in [("ours", {})] + list(variants.items()):
+            progress(f"[{size}] building {side_label(name)}: training model and the two inference models"
+                     + (f" ({json.dumps(overrides)})" if overrides else ""))
+            ours[name] = OursSide(dict(cfg, **overrides), size, ds, list(images), tmp, label=name)
 
-        sides = {"ours": (ours.train, ours.infer)}
+        sides = {name: {"train": side.train,
+                        "infer": lambda k, side=side: side.infer(k, "infer"),
+                        "infer_100": lambda k, side=side: side.infer(k, "infer_100")}
+                 for name, side in ours.items()}
         if child:
-            sides["theirs"] = (lambda k: child.call(cmd="train", steps=k),
-                               lambda k: child.call(cmd="infer", images=k))
-        raw = {name: {"train": [], "infer": [], "losses": [], "detections": [], "order": []}
+            sides["theirs"] = {"train": lambda k: child.call(cmd="train", steps=k),
+                               "infer": lambda k: child.call(cmd="infer", images=k),
+                               "infer_100": lambda k: child.call(cmd="infer", images=k, score_thresh=0.0)}
+        empty = {"seconds": [], "detections": []}
+
+        def run_infer(fns, count):
+            return {r: fns[r](count) if count else empty for r in REGIMES}
+
+        raw = {name: {"train": [], "losses": [], "infer": [], "detections": [],
+                      "infer_100": [], "detections_100": [], "order": []}
                for name in sides}
         raw_warm = {}
-        for name, (train, infer) in sides.items():
-            progress(f"[{size}] warm-up {name}: {args.warmup} steps, {args.warmup} images")
-            t = train(args.warmup) if args.warmup else {"seconds": [], "losses": []}
-            i = infer(args.warmup) if args.warmup else {"seconds": [], "detections": []}
-            raw_warm[name] = {"train": t["seconds"], "infer": i["seconds"], "losses": t["losses"]}
+        for name, fns in sides.items():
+            progress(f"[{size}] warm-up {name}: {args.warmup} steps, {args.warmup} images per regime")
+            t = fns["train"](args.warmup) if args.warmup else {"seconds": [], "losses": []}
+            i = run_infer(fns, args.warmup)
+            raw_warm[name] = {"train": t["seconds"], "losses": t["losses"],
+                              "infer": i["infer"]["seconds"], "infer_100": i["infer_100"]["seconds"],
+                              "detections": i["infer"]["detections"],
+                              "detections_100": i["infer_100"]["detections"]}
 
         names = list(sides)
+        orders = []
         for b in range(args.blocks):
-            order = names if b % 2 == 0 else names[::-1]     # ABBA
-            for name in order:
-                train, infer = sides[name]
-                t = train(args.steps)
-                i = infer(args.infer_images) if args.infer_images else {"seconds": [], "detections": []}
-                raw[name]["train"] += t["seconds"]
-                raw[name]["losses"] += t["losses"]
-                raw[name]["infer"] += i["seconds"]
-                raw[name]["detections"] += i["detections"]
-                raw[name]["order"].append(b)
+            k = (b // 2) % len(names)
+            order = names[k:] + names[:k]                    # rotate every other block
+            if b % 2:
+                order = order[::-1]                          # two sides: ABBA
+            orders.append(order)
+            for pos, name in enumerate(order):
+                fns = sides[name]
+                t = fns["train"](args.steps)
+                i = run_infer(fns, args.infer_images)
+                r = raw[name]
+                r["train"] += t["seconds"]
+                r["losses"] += t["losses"]
+                r["infer"] += i["infer"]["seconds"]
+                r["detections"] += i["infer"]["detections"]
+                r["infer_100"] += i["infer_100"]["seconds"]
+                r["detections_100"] += i["infer_100"]["detections"]
+                r["order"].append([b, pos])
                 progress(f"[{size}] block {b + 1}/{args.blocks} {name}: train "
                          + " ".join(f"{s:.2f}" for s in t["seconds"]) + " s; infer "
-                         + " ".join(f"{1000 * s:.0f}" for s in i["seconds"]) + " ms")
+                         + " ".join(f"{1000 * s:.0f}" for s in i["infer"]["seconds"]) + " ms ("
+                         + " ".join(str(d) for d in i["infer"]["detections"]) + " det); 100-det "
+                         + " ".join(f"{1000 * s:.0f}" for s in i["infer_100"]["seconds"]) + " ms ("
+                         + " ".join(str(d) for d in i["infer_100"]["detections"]) + " det)")
 
+        def mean(values):
+            return statistics.fmean(values) if values else None
         summary = {name: {"train": summarize(raw[name]["train"], 1.0),
-                          "infer": summarize(raw[name]["infer"], 1000.0)} for name in raw}
+                          "infer": summarize(raw[name]["infer"], 1000.0),
+                          "infer_100": summarize(raw[name]["infer_100"], 1000.0),
+                          "detections": {"infer": mean(raw[name]["detections"]),
+                                         "infer_100": mean(raw[name]["detections_100"])}}
+                   for name in raw}
         summary.setdefault("theirs", None)
         ratios = {}
         if summary["theirs"]:
-            for key in ("train", "infer"):
-                a, b_ = summary["ours"][key], summary["theirs"][key]
-                if a and b_:
-                    ratios[key] = a["median"] / b_["median"]
+            for name in ours:
+                ratios[name] = {}
+                for key in ("train",) + REGIMES:
+                    a, b_ = summary[name][key], summary["theirs"][key]
+                    if a and b_:
+                        ratios[name][key] = a["median"] / b_["median"]
+        infos = {name: side.info for name, side in ours.items()}
         results["sizes"][str(size)] = {
-            "raw_seconds": raw, "warmup_seconds": raw_warm, "summary": summary,
-            "ratio_of_medians": ratios, "torchvision_kwargs": tv,
-            "ours_info": ours.info, "torch_info": child.info if child else None,
+            "raw_seconds": raw, "warmup_seconds": raw_warm, "block_orders": orders,
+            "summary": summary, "ratio_of_medians": ratios, "torchvision_kwargs": tv,
+            "ours_info": infos["ours"],
+            "variants_info": {n: i for n, i in infos.items() if n != "ours"},
+            "torch_info": child.info if child else None,
         }
-        return ours.info, (child.info if child else None), summary
+        return infos, (child.info if child else None), summary
     finally:
         if child:
             child.close()
@@ -605,17 +773,24 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sizes")
     p.add_argument("--blocks", type=int, default=4, help="timed blocks per side per size")
     p.add_argument("--steps", type=int, default=3, help="training steps per block")
-    p.add_argument("--infer-images", type=int, default=4, help="one-image inferences per block")
+    p.add_argument("--infer-images", type=int, default=4, help="one-image inferences per regime per side per block")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps and images first")
     p.add_argument("--batches", type=int, default=2, help="distinct batches, cycled")
     p.add_argument("--torch-python", default=None,
                    help="interpreter with torch and torchvision "
                         f"(default: {os.path.relpath(DEFAULT_TORCH_PYTHON, ROOT_DIR)} if it exists)")
     p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads in the worker")
-    p.add_argument("--ours-only", action="store_true", help="time only this library")
+    p.add_argument("--ours-only", action="store_true", help="time only this library (and its variants)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the equal configuration (Python literal), e.g. "
-                        "--set JIT_COMPILE=True --set MIXED_PRECISION='\"mixed_bfloat16\"'")
+                        "--set JIT_COMPILE=True --set MIXED_PRECISION='\"mixed_bfloat16\"'; "
+                        "applies to every side (torchvision's derived arguments too)")
+    p.add_argument("--variant", dest="variants", action="append", default=[],
+                   metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                   help="another side of this library, built from the equal configuration plus "
+                        "these overrides (Python literals), timed with the others, e.g. "
+                        "--variant xla=JIT_COMPILE=True --variant bf16=MIXED_PRECISION='\"mixed_bfloat16\"'; "
+                        "repeatable; never changes torchvision")
     p.add_argument("--json", default=None, help="write raw timings and the summary here")
     args = p.parse_args(argv)
     if min(args.sizes) <= 0 or args.blocks < 1 or args.steps < 1 or args.batches < 1 or args.warmup < 0:
@@ -624,6 +799,7 @@ def main(argv=None):
 
     cfg = dict(EQUAL_CONFIG)
     cfg.update(parse_sets(args.sets))
+    variants = parse_variants(args.variants)
 
     torch_python = None
     if not args.ours_only:
@@ -640,15 +816,15 @@ def main(argv=None):
     import tensorflow as tf
     from mrcnn.config import Config
 
-    unknown = sorted(k for k in cfg if not hasattr(Config, k))
-    results = {"command": command, "machine": machine_info(), "config": cfg,
+    unknown = sorted({k for c in [cfg] + list(variants.values()) for k in c if not hasattr(Config, k)})
+    results = {"command": command, "machine": machine_info(), "config": cfg, "variants": variants,
                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
                "args": vars(args), "sizes": {}}
     per_size = {}
     with tempfile.TemporaryDirectory(prefix="vs_torchvision_") as tmp:
         try:
             for size in args.sizes:
-                per_size[size] = run_size(size, cfg, args, torch_python, tmp, results)
+                per_size[size] = run_size(size, cfg, variants, args, torch_python, tmp, results)
         except ChildError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -658,27 +834,38 @@ def main(argv=None):
         results["versions"].update(torch=torch_info["torch"], torchvision=torch_info["torchvision"])
     m = results["machine"]
     v = results["versions"]
+    first = next(iter(per_size.values()))
+    ours_names = list(first[0])
+    n_sides = len(ours_names) + (1 if torch_info else 0)
     out = ["# Mask R-CNN training step and inference: this library vs torchvision", "",
            f"command: `{command}`",
            f"machine: {m['cpu_count']} CPUs, {m['processor']} ({m['platform']}, Python {m['python']})",
            f"versions: TensorFlow {v['tensorflow']}, Keras {v['keras']}"
            + (f", torch {v['torch']}, torchvision {v['torchvision']}" if torch_info else ""),
            "threads: TensorFlow defaults (intra-op {intra}, inter-op {inter}; 0 = all cores)".format(
-               intra=next(iter(per_size.values()))[0]["intra_op_threads"],
-               inter=next(iter(per_size.values()))[0]["inter_op_threads"])
+               intra=first[0]["ours"]["intra_op_threads"],
+               inter=first[0]["ours"]["inter_op_threads"])
            + (f"; torch {torch_info['threads']} threads (inter-op {torch_info['interop_threads']})"
               if torch_info else ""),
-           f"timing: {args.blocks} blocks x {args.steps} steps and {args.infer_images} images per side "
-           f"per size, ABBA order, after {args.warmup} warm-up steps and images; "
-           f"{args.batches} distinct batches of {cfg['IMAGES_PER_GPU']} cycled", "",
+           f"timing: {args.blocks} blocks x {args.steps} steps and {args.infer_images} images per regime "
+           f"per side per size, {n_sides} sides in rotated/reversed order per block (ABBA), after "
+           f"{args.warmup} warm-up steps and images; {args.batches} distinct batches of "
+           f"{cfg['IMAGES_PER_GPU']} cycled",
+           "inference regimes: \"{infer}\" (the configuration's thresholds; the two sides may keep "
+           "different numbers of detections, and the mask head runs on each), \"{infer_100}\" "
+           "(score threshold 0 on both sides: DETECTION_MIN_CONFIDENCE=0.0 here, "
+           "roi_heads.score_thresh=0.0 in torchvision; equal work)".format(**regime_labels(cfg)), "",
            "equal configuration (+ IMAGE_MIN_DIM = IMAGE_MAX_DIM = size):", "",
            "    " + json.dumps(cfg, sort_keys=False)]
+    if variants:
+        out += ["", "variants of this library (the equal configuration plus these overrides; "
+                "torchvision unchanged):", ""]
+        out += [f"    {name}: {json.dumps(overrides)}" for name, overrides in variants.items()]
     if unknown:
         out.append(f"\nnote: not defined by mrcnn.config.Config (no effect unless the library reads them): "
                    f"{', '.join(unknown)}")
-    first = next(iter(per_size.values()))
-    if first[0]["rpn_conv_channels"] not in (None, cfg.get("RPN_CONV_CHANNELS")):
-        out.append(f"note: this library's built RPN conv has {first[0]['rpn_conv_channels']} channels "
+    if first[0]["ours"]["rpn_conv_channels"] not in (None, cfg.get("RPN_CONV_CHANNELS")):
+        out.append(f"note: this library's built RPN conv has {first[0]['ours']['rpn_conv_channels']} channels "
                    f"(RPN_CONV_CHANNELS={cfg.get('RPN_CONV_CHANNELS')} was not applied)")
     if torch_info:
         out.append("\ntorchvision: maskrcnn_resnet50_fpn(" + ", ".join(
@@ -686,17 +873,25 @@ def main(argv=None):
             if k not in ("min_size", "max_size")) + ", min_size=size, max_size=size); "
             + "SGD({lr}, momentum={momentum}, weight_decay={weight_decay}), clip_grad_norm_ {clip}".format(
                 **torchvision_kwargs(cfg, 0)["optim"]))
-    out.append(f"parameters: this library {first[0]['params']:,} ({first[0]['trainable_params']:,} trainable)"
+    ours_info = first[0]["ours"]
+    out.append(f"parameters: this library {ours_info['params']:,} ({ours_info['trainable_params']:,} trainable)"
+               + "".join(f"; [{n}] {i['params']:,} ({i['trainable_params']:,} trainable)"
+                         for n, i in first[0].items()
+                         if n != "ours" and (i["params"], i["trainable_params"])
+                         != (ours_info["params"], ours_info["trainable_params"]))
                + (f"; torchvision {torch_info['params']:,} ({torch_info['trainable_params']:,} trainable, "
                   f"{torch_info['batchnorm_layers']} BatchNorm2d, {torch_info['frozen_batchnorm_layers']} frozen)"
                   if torch_info else ""))
     label = "torchvision" if torch_info else "torchvision (not run)"
     for size, (_, _, summary) in per_size.items():
-        out += ["", table(size, summary, label)]
-        ratios = results["sizes"][str(size)]["ratio_of_medians"]
-        if ratios:
-            out.append("ratio of medians (ours / theirs): train {:.2f}, inference {}".format(
-                ratios["train"], fmt(ratios.get("infer"), 2)))
+        out += ["", table(size, summary, ours_names, label, cfg)]
+        labels = regime_labels(cfg)
+        for name, r in results["sizes"][str(size)]["ratio_of_medians"].items():
+            out.append("ratio of medians ({} / torchvision): train {}, inference ({}) {}, "
+                       "inference ({}) {}".format(
+                           "ours" if name == "ours" else name, fmt(r.get("train"), 2),
+                           labels["infer"].replace("score ", ""), fmt(r.get("infer"), 2),
+                           labels["infer_100"], fmt(r.get("infer_100"), 2)))
     print("\n".join(out))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,6 +12,8 @@ Backbones:
                   CPU tests and demos (about 1/30 of resnet50's parameters)
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -22,6 +24,20 @@ STAGE_BLOCKS = {
     "resnet_small": (1, 1, 1, 1),
 }
 WIDTH = {"resnet50": 64, "resnet101": 64, "resnet_small": 16}
+
+
+_SYNC = {"enabled": False}
+
+
+@contextlib.contextmanager
+def sync_batchnorm(enabled):
+    """BatchNorm layers created inside synchronize their batch statistics
+    across replicas (``Config.SYNC_BN``; no effect on one device)."""
+    old, _SYNC["enabled"] = _SYNC["enabled"], bool(enabled)
+    try:
+        yield
+    finally:
+        _SYNC["enabled"] = old
 
 
 class BatchNorm(layers.BatchNormalization):
@@ -37,15 +53,39 @@ class BatchNorm(layers.BatchNormalization):
 
     def __init__(self, train_bn=False, **kwargs):
         kwargs.setdefault("epsilon", 1e-3)
+        kwargs.setdefault("synchronized", _SYNC["enabled"])
         super().__init__(**kwargs)
         self.train_bn = bool(train_bn)
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training) and self.train_bn
-        if training and self.trainable and mask is None and not self.synchronized \
+        if training and self.trainable and mask is None \
                 and self.axis in (-1, len(inputs.shape) - 1) and len(inputs.shape) == 4:
+            ctx = tf.distribute.get_replica_context()
+            if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
+                return self._synchronized_training_call(inputs, ctx)
             return self._fused_training_call(inputs)
         return super().call(inputs, training=training, mask=mask)
+
+    def _synchronized_training_call(self, inputs, ctx):
+        """Batch statistics of the global batch (SYNC_BN): the replicas' sums and
+        counts are all-reduced for the mean, then their centred sums of squares
+        for the variance (two passes, as accurate as one device's)."""
+        x = tf.cast(inputs, "float32")
+        axes = [0, 1, 2]
+        channels = x.shape[-1]
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), "float32")
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([tf.reduce_sum(x, axes), count[None]], 0))
+        n = total[-1]
+        mean = total[:channels] / n
+        variance = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes)) / n
+        gamma = tf.cast(self.gamma, "float32") if self.scale else None
+        beta = tf.cast(self.beta, "float32") if self.center else None
+        y = tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1. - m))
+        self.moving_variance.assign(self.moving_variance * m + variance * (1. - m))
+        return tf.cast(y, self.compute_dtype)
 
     def _fused_training_call(self, inputs):
         """Batch statistics, normalization and their gradient in one fused

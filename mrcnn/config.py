@@ -32,9 +32,17 @@ class Config:
     # Name of the configuration, used in log directory and checkpoint names.
     NAME = None
 
-    # Images per device and number of devices (effective batch = product).
+    # Images per device and number of devices (the global batch, BATCH_SIZE,
+    # is their product). GPU_COUNT > 1 trains with tf.distribute (see
+    # DISTRIBUTE and mrcnn.distribute); inference runs on one device.
     GPU_COUNT = 1
     IMAGES_PER_GPU = 2
+    # "auto" (TF_CONFIG with several workers: "multiworker"; GPU_COUNT > 1:
+    # "mirrored"; else one device), "none", "mirrored" or "multiworker".
+    DISTRIBUTE = "auto"
+    # BatchNorm layers that train (TRAIN_BN) use the statistics of the whole
+    # global batch instead of each replica's.
+    SYNC_BN = False
 
     # Training steps per epoch and validation steps at the end of each epoch.
     STEPS_PER_EPOCH = 1000
@@ -289,9 +297,10 @@ class Config:
             fail("MEAN_PIXEL", f"needs IMAGE_CHANNEL_COUNT={self.IMAGE_CHANNEL_COUNT} values")
         if self.BATCH_SIZE < 1:
             fail("IMAGES_PER_GPU", "batch size must be at least 1")
-        if self.GPU_COUNT != 1:
-            fail("GPU_COUNT", f"{self.GPU_COUNT}: multi-device training is not implemented yet; "
-                 "use GPU_COUNT = 1 (the whole batch runs on one device)")
+        number("GPU_COUNT", 1, integer=True)
+        number("IMAGES_PER_GPU", 1, integer=True)
+        if self.DISTRIBUTE not in ("auto", "none", "mirrored", "multiworker"):
+            fail("DISTRIBUTE", f"{self.DISTRIBUTE!r}; choose 'auto', 'none', 'mirrored' or 'multiworker'")
         if not self.USE_RPN_ROIS:
             fail("USE_RPN_ROIS", "training on externally supplied ROIs is not supported")
         if self.EDGE_LOSS_FILTERS:

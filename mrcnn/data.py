@@ -283,11 +283,12 @@ def describe_sample(dataset, image_id):
 
 
 def build_batch(dataset, config, image_ids, augmentation=None, seed=None, executor=None,
-                on_bad_sample="raise", replacements=None):
+                on_bad_sample="raise", replacements=None, position=0):
     """Stack ``build_sample`` for ``image_ids`` into one batch dict.
 
     ``seed`` makes the batch reproducible: each image gets its own generator
-    seeded from (seed, position, image_id), so results do not depend on timing.
+    seeded from (seed, position + its index, image_id), so results do not
+    depend on timing nor on how a global batch is split between workers.
     A failing image raises ``SampleError`` naming it; with
     ``on_bad_sample="skip"`` it is replaced by the next image of
     ``replacements`` (an iterable of image ids) that loads, and the batch
@@ -299,7 +300,7 @@ def build_batch(dataset, config, image_ids, augmentation=None, seed=None, execut
     def one(i_and_id):
         i, image_id = i_and_id
         while True:
-            rng = np.random.default_rng(None if seed is None else [seed, i, int(image_id)])
+            rng = np.random.default_rng(None if seed is None else [seed, position + i, int(image_id)])
             try:
                 return build_sample(dataset, config, image_id, augmentation, rng)
             except Exception as e:  # noqa: BLE001 - user datasets raise anything
@@ -351,7 +352,7 @@ class BatchLoader:
     """
 
     def __init__(self, dataset, config, shuffle=True, augmentation=None, seed=None,
-                 workers=None, prefetch=4, start_step=0, on_bad_sample=None):
+                 workers=None, prefetch=4, start_step=0, on_bad_sample=None, shard=(0, 1)):
         if len(dataset.image_ids) == 0:
             raise ValueError(f"dataset {type(dataset).__name__} has no images (did you call dataset.prepare()?)")
         self.dataset, self.config = dataset, config
@@ -361,11 +362,17 @@ class BatchLoader:
         self.prefetch = max(1, int(prefetch))
         self.start_step = start_step
         self.on_bad_sample = on_bad_sample or getattr(config, "ON_BAD_SAMPLE", "raise")
+        self.shard, self.shards = (int(x) for x in shard)
+
+    def _first(self, step):
+        """Position (in the endless sequence of epochs) of this shard's first image of batch ``step``."""
+        return (step * self.shards + self.shard) * self.config.BATCH_SIZE
 
     def batch_ids(self, step):
-        """Image ids of global batch number ``step`` (deterministic)."""
-        n, bs = len(self.dataset.image_ids), self.config.BATCH_SIZE
-        return np.array([self._order(k) for k in range(step * bs, (step + 1) * bs)])
+        """Image ids of batch number ``step`` (deterministic): with ``shard=(i, n)``
+        this worker's part i of the global batch of n x BATCH_SIZE images."""
+        first = self._first(step)
+        return np.array([self._order(k) for k in range(first, first + self.config.BATCH_SIZE)])
 
     def _order(self, k):
         """The image at position ``k`` of the endless sequence of epochs."""
@@ -378,12 +385,14 @@ class BatchLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(ids) if self.shuffle else ids
 
     def batch(self, step):
-        """Batch number ``step`` (see ``build_batch``)."""
+        """Batch number ``step`` (see ``build_batch``); each image's random
+        augmentation depends on its position in the global batch only."""
         bs = self.config.BATCH_SIZE
-        spare = (self._order(k) for k in range((step + 1) * bs, (step + 1) * bs + len(self.dataset.image_ids)))
+        after = self._first(step + 1)
+        spare = (self._order(k) for k in range(after, after + len(self.dataset.image_ids)))
         return build_batch(self.dataset, self.config, self.batch_ids(step), self.augmentation,
                            seed=self.seed * 1000003 + step, on_bad_sample=self.on_bad_sample,
-                           replacements=spare)
+                           replacements=spare, position=self.shard * bs)
 
     def __iter__(self):
         step = self.start_step

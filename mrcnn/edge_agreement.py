@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from mrcnn.losses import select_class_masks
+from mrcnn.losses import mean_of, select_class_masks
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _per_pixel_error(gt, pred, kernel, p, smoothing_gt, smoothing_predictions):
 
 def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("sobel",), norm=2,
                         weight=1.0, smoothing_gt=False, smoothing_predictions=False,
-                        weighted_entropy=False):
+                        weighted_entropy=False, normalize=None):
     """Edge Agreement Loss of a batch (scalar float32 tensor).
 
     target_masks: [B, R, H, W] ground-truth masks, 0/1 (rounded here).
@@ -219,6 +219,9 @@ def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("so
     weighted_entropy: return ``weight * mean(BCE_pixel * exp(L_edge_pixel / 4))``
         over positive ROI pixels instead of the L^p loss (paper section 5.6;
         this replaces the L^p term, it is an alternative mask loss).
+
+    normalize: ``f(total, count)`` giving the mean (default total / max(count,
+        1)); the training loop's version counts the global batch.
 
     Returns exactly 0 when there is no positive ROI. All inputs may be NumPy
     arrays or tensors; shapes are static (no gather of positive ROIs), so the
@@ -260,7 +263,7 @@ def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("so
         per_roi = ops.sum(error, axis=(1, 2, 3))                          # [B*R]
         count = num_positive * float(h * w * depth)
     total = ops.sum(per_roi * positive)
-    return float(weight) * total / ops.maximum(count, 1.0)
+    return float(weight) * (normalize or mean_of)(total, count)
 
 
 def edge_error_map(gt_mask, pred_mask, filters=("sobel",), norm=2, smoothing_gt=False,
@@ -308,13 +311,13 @@ class EdgeAgreementLoss(keras.layers.Layer):
         self.smoothing_predictions = bool(smoothing_predictions)
         self.weighted_entropy = bool(weighted_entropy)
 
-    def call(self, inputs):
+    def call(self, inputs, normalize=None):
         target_masks, target_class_ids, pred_masks = inputs
         return edge_agreement_loss(
             target_masks, target_class_ids, pred_masks, filters=self.filters, norm=self.norm,
             weight=self.weight, smoothing_gt=self.smoothing_gt,
             smoothing_predictions=self.smoothing_predictions,
-            weighted_entropy=self.weighted_entropy)
+            weighted_entropy=self.weighted_entropy, normalize=normalize)
 
     def compute_output_shape(self, input_shape):
         return ()

@@ -2,7 +2,9 @@
 
 All losses are means over the elements that count, computed with static shapes
 (0/1 weights instead of dynamic gathers) in float32, and are exactly 0 when
-nothing counts. The mask loss takes logits (numerically stable binary
+nothing counts. Each takes ``normalize(total, count)``: the training loop's
+version divides by the count of the global batch under a distribution
+strategy, so that the replicas' losses add up to the global batch's mean. The mask loss takes logits (numerically stable binary
 cross-entropy).
 matterport defects fixed here: zero-padded ROIs no longer count as background
 in ``mrcnn_class_loss``; the RPN box targets are dense, so no batch packing.
@@ -30,12 +32,19 @@ def binary_crossentropy_with_logits(target, logits):
     return ops.relu(logits) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
 
 
-def _safe_mean(values, weights):
-    """sum(values * weights) / max(sum(weights), 1): 0 when no weight."""
-    return ops.sum(values * weights) / ops.maximum(ops.sum(weights), 1.0)
+def mean_of(total, count):
+    """total / max(count, 1): a mean that is 0 when nothing counts."""
+    return total / ops.maximum(count, 1.0)
 
 
-def rpn_class_loss(rpn_match, rpn_class_logits):
+def _safe_mean(values, weights, normalize=None):
+    """normalize(sum(values * weights), sum(weights)), by default their ratio
+    (``mean_of``). Under a distribution strategy the training loop passes a
+    ``normalize`` that divides by the count of the whole global batch."""
+    return (normalize or mean_of)(ops.sum(values * weights), ops.sum(weights))
+
+
+def rpn_class_loss(rpn_match, rpn_class_logits, normalize=None):
     """Anchor classifier cross-entropy over the sampled (non-neutral) anchors.
 
     rpn_match: [batch, num_anchors] int, 1 positive, -1 negative, 0 neutral.
@@ -45,20 +54,20 @@ def rpn_class_loss(rpn_match, rpn_class_logits):
     labels = ops.cast(ops.equal(rpn_match, 1), "int32")
     weights = ops.cast(ops.not_equal(rpn_match, 0), "float32")
     ce = ops.sparse_categorical_crossentropy(labels, rpn_class_logits, from_logits=True)
-    return _safe_mean(ce, weights)
+    return _safe_mean(ce, weights, normalize)
 
 
-def rpn_bbox_loss(rpn_match, target_bbox, rpn_bbox):
+def rpn_bbox_loss(rpn_match, target_bbox, rpn_bbox, normalize=None):
     """Smooth-L1 of the anchor deltas, over positive anchors and the 4 coordinates.
 
     rpn_match: [batch, num_anchors]; target_bbox, rpn_bbox: [batch, num_anchors, 4]
     """
     positive = ops.cast(ops.equal(ops.cast(rpn_match, "int32"), 1), "float32")[..., None]
     loss = smooth_l1(target_bbox, rpn_bbox)
-    return _safe_mean(loss, positive * ops.ones_like(loss))
+    return _safe_mean(loss, positive * ops.ones_like(loss), normalize)
 
 
-def mrcnn_class_loss(target_class_ids, pred_class_logits, active_class_ids, rois):
+def mrcnn_class_loss(target_class_ids, pred_class_logits, active_class_ids, rois, normalize=None):
     """Classifier cross-entropy over the sampled (non-padded) ROIs.
 
     target_class_ids: [batch, num_rois] int (0 = background)
@@ -73,14 +82,14 @@ def mrcnn_class_loss(target_class_ids, pred_class_logits, active_class_ids, rois
                                       ops.cast(pred_ids, "int32"), axis=1)
     valid = ops.cast(ops.any(ops.not_equal(rois, 0), axis=-1), "float32")
     ce = ops.sparse_categorical_crossentropy(target_class_ids, pred_class_logits, from_logits=True)
-    return _safe_mean(ce, pred_active * valid)
+    return _safe_mean(ce, pred_active * valid, normalize)
 
 
 def _positive(target_class_ids):
     return ops.cast(ops.greater(ops.cast(target_class_ids, "int32"), 0), "float32")
 
 
-def mrcnn_bbox_loss(target_bbox, target_class_ids, pred_bbox):
+def mrcnn_bbox_loss(target_bbox, target_class_ids, pred_bbox, normalize=None):
     """Smooth-L1 of the class-specific box deltas of positive ROIs.
 
     target_bbox: [batch, num_rois, 4]; target_class_ids: [batch, num_rois]
@@ -90,7 +99,7 @@ def mrcnn_bbox_loss(target_bbox, target_class_ids, pred_bbox):
     onehot = ops.one_hot(ops.maximum(ops.cast(target_class_ids, "int32"), 0), num_classes)
     pred = ops.sum(pred_bbox * onehot[..., None], axis=2)
     loss = smooth_l1(target_bbox, pred)
-    return _safe_mean(loss, _positive(target_class_ids)[..., None] * ops.ones_like(loss))
+    return _safe_mean(loss, _positive(target_class_ids)[..., None] * ops.ones_like(loss), normalize)
 
 
 def select_class_masks(pred_masks, target_class_ids):
@@ -108,7 +117,7 @@ def select_class_masks(pred_masks, target_class_ids):
     return ops.sum(pred_masks * onehot, axis=-1)
 
 
-def mrcnn_mask_loss(target_masks, target_class_ids, pred_mask_logits):
+def mrcnn_mask_loss(target_masks, target_class_ids, pred_mask_logits, normalize=None):
     """Binary cross-entropy (on logits) of positive ROIs' masks of their class.
 
     target_masks: [batch, num_rois, height, width] 0/1
@@ -121,7 +130,7 @@ def mrcnn_mask_loss(target_masks, target_class_ids, pred_mask_logits):
         logits = select_class_masks(logits, target_class_ids)
     bce = binary_crossentropy_with_logits(ops.cast(target_masks, "float32"), logits)
     weights = _positive(target_class_ids)[:, :, None, None] * ops.ones_like(bce)
-    return _safe_mean(bce, weights)
+    return _safe_mean(bce, weights, normalize)
 
 
 LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")

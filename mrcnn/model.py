@@ -29,10 +29,11 @@ from keras import layers as KL, ops
 
 from mrcnn import utils
 from mrcnn.anchors import build_rpn_targets, compute_backbone_shapes, get_anchors as _get_anchors  # noqa: F401
-from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph  # noqa: F401
+from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph, sync_batchnorm  # noqa: F401
 from mrcnn.checkpoints import load_into, read_epoch, save_checkpoint
 from mrcnn.data import (as_image_list, compose_image_meta, load_image_gt, mold_image,  # noqa: F401
                         mold_inputs, parse_image_meta, unmold_image)
+from mrcnn.distribute import make_strategy
 from mrcnn.edge_agreement import EdgeAgreementLoss  # noqa: F401
 from mrcnn.heads import BoxHead, MaskHead, RPNHead, build_fpn_mask_graph, fpn_classifier_graph  # noqa: F401
 from mrcnn.layers import (DetectionLayer, DetectionTargetLayer, ProposalLayer,  # noqa: F401
@@ -65,21 +66,28 @@ class MaskRCNN:
         self.epoch = 0
         self.set_log_dir()
         self._detector = None
-        self.keras_model = self.build(mode, config)
+        # Training builds its variables under the distribution strategy of
+        # Config.DISTRIBUTE (mrcnn.distribute); inference runs on one device.
+        self.strategy = make_strategy(config) if mode == "training" else tf.distribute.get_strategy()
+        with self.strategy.scope():
+            self.keras_model = self.build(mode, config)
         self._predict = None
 
     # ------------------------------------------------------------------ build
     def build(self, mode, config):
-        """Build the Keras functional model (all shapes static, batch = BATCH_SIZE).
+        """Build the Keras functional model (all shapes static).
 
-        Layers are created under ``config.MIXED_PRECISION``'s dtype policy (the
-        custom layers, the output layers and the losses stay float32).
+        The batch is IMAGES_PER_GPU images per replica in training, BATCH_SIZE
+        at inference. Layers are created under ``config.MIXED_PRECISION``'s
+        dtype policy (the custom layers, the output layers and the losses stay
+        float32), and BatchNorm layers synchronize their statistics across
+        replicas when ``config.SYNC_BN``.
         """
-        with dtype_policy(config.MIXED_PRECISION):
+        with dtype_policy(config.MIXED_PRECISION), sync_batchnorm(config.SYNC_BN):
             return self._build(mode, config)
 
     def _build(self, mode, config):
-        B = config.BATCH_SIZE
+        B = config.IMAGES_PER_GPU if mode == "training" else config.BATCH_SIZE
         h, w, ch = (int(s) for s in config.IMAGE_SHAPE)
         input_image = keras.Input((h, w, ch), batch_size=B, name="input_image")
         input_image_meta = keras.Input((config.IMAGE_META_SIZE,), batch_size=B, name="input_image_meta")

@@ -12,12 +12,15 @@ fraction of time spent waiting for data), an atomically written checkpoint.
 Every ``log_every`` steps the step losses and the rate go to ``steps.csv``.
 """
 
+import contextlib
 import csv
 import glob
 import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -28,6 +31,8 @@ from keras import ops
 from mrcnn import losses as L
 from mrcnn.checkpoints import load_optimizer_slots, save_checkpoint
 from mrcnn.data import BatchLoader
+from mrcnn.distribute import (PEER_ERRORS, Watchdog, global_mean, peer_failure, sum_over_replicas,
+                              worker_info)
 from mrcnn.layers import parse_image_meta_graph
 
 log = logging.getLogger(__name__)
@@ -80,30 +85,31 @@ def make_edge_loss(config):
                              name=EDGE_LOSS_NAME)
 
 
-def compute_losses(inputs, outputs, config, edge_loss=None):
+def compute_losses(inputs, outputs, config, edge_loss=None, normalize=None):
     """All losses of one batch, as a dict name -> scalar (unweighted, before LOSS_WEIGHTS).
 
     inputs: the batch dict (mrcnn.data); outputs: the training model's output dict.
+    normalize: ``f(total, count)`` of every loss's mean (see ``losses``); the
+        trainer passes ``distribute.global_mean``.
     ``mrcnn_mask_edge_loss`` already includes EDGE_LOSS_WEIGHT.
     """
     active = parse_image_meta_graph(inputs["input_image_meta"])["active_class_ids"]
+    positive_ids = outputs["target_class_ids"][:, :outputs["target_mask"].shape[1]]
     out = {
-        "rpn_class_loss": L.rpn_class_loss(inputs["input_rpn_match"], outputs["rpn_class_logits"]),
+        "rpn_class_loss": L.rpn_class_loss(inputs["input_rpn_match"], outputs["rpn_class_logits"], normalize),
         "rpn_bbox_loss": L.rpn_bbox_loss(inputs["input_rpn_match"], inputs["input_rpn_bbox"],
-                                         outputs["rpn_bbox"]),
-        "mrcnn_class_loss": L.mrcnn_class_loss(outputs["target_class_ids"],
-                                               outputs["mrcnn_class_logits"], active, outputs["rois"]),
+                                         outputs["rpn_bbox"], normalize),
+        "mrcnn_class_loss": L.mrcnn_class_loss(outputs["target_class_ids"], outputs["mrcnn_class_logits"],
+                                               active, outputs["rois"], normalize),
         "mrcnn_bbox_loss": L.mrcnn_bbox_loss(outputs["target_bbox"], outputs["target_class_ids"],
-                                             outputs["mrcnn_bbox"]),
-        "mrcnn_mask_loss": L.mrcnn_mask_loss(
-            outputs["target_mask"], outputs["target_class_ids"][:, :outputs["target_mask"].shape[1]],
-            outputs["mrcnn_mask_logits"]),
+                                             outputs["mrcnn_bbox"], normalize),
+        "mrcnn_mask_loss": L.mrcnn_mask_loss(outputs["target_mask"], positive_ids,
+                                             outputs["mrcnn_mask_logits"], normalize),
     }
     if edge_loss is not None:
         # The edge head sees sigmoid probabilities of the positive slots' class (paper section 3).
-        positive_ids = outputs["target_class_ids"][:, :outputs["target_mask"].shape[1]]
         probs = ops.sigmoid(L.select_class_masks(outputs["mrcnn_mask_logits"], positive_ids))
-        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], positive_ids, probs])
+        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], positive_ids, probs], normalize=normalize)
     return out
 
 
@@ -152,13 +158,16 @@ class NonFiniteLossError(FloatingPointError):
 class Trainer:
     """Runs epochs of training for a MaskRCNN facade (see MaskRCNN.train).
 
-    One step is two compiled functions: ``_compute`` (forward, losses,
-    gradients with weight decay and clipping; XLA with ``JIT_COMPILE``) and
-    ``_apply`` (SGD with momentum at the scheduled rate). The update is
-    applied only after the loss and the gradient norm are seen to be finite,
-    so a bad step never reaches the weights. Under "mixed_float16" the loss is
-    scaled dynamically: a step with non-finite gradients halves the scale and
-    is skipped, and the scale doubles after 2000 good steps.
+    One step is two compiled functions: ``_compute`` (each replica's forward
+    pass and losses, gradients summed over replicas, weight decay and global
+    clipping; XLA with ``JIT_COMPILE``) and ``_apply`` (SGD with momentum at
+    the scheduled rate, in cross-replica context). The update is applied only
+    after the loss and the gradient norm are seen to be finite, so a bad step
+    never reaches the weights. Under "mixed_float16" the loss is scaled
+    dynamically: a step with non-finite gradients halves the scale and is
+    skipped, and the scale doubles after 2000 good steps. On one device the
+    strategy is TensorFlow's default one and all of this reduces to the
+    plain step (see ``mrcnn.distribute``).
     """
 
     LOSS_SCALE_PERIOD = 2000
@@ -167,6 +176,9 @@ class Trainer:
         self.m = mrcnn
         self.config = mrcnn.config
         self.model = mrcnn.keras_model
+        self.strategy = getattr(mrcnn, "strategy", None) or tf.distribute.get_strategy()
+        self.worker, self.workers, self.is_chief = worker_info(self.strategy)
+        self.replicas = self.strategy.num_replicas_in_sync
         self.seed = seed
         self.log_every = log_every
         self.base_learning_rate = float(learning_rate)
@@ -174,33 +186,41 @@ class Trainer:
         self.global_step = mrcnn.epoch * self.config.STEPS_PER_EPOCH
         self.edge_loss = make_edge_loss(self.config)
         self.variables = list(self.model.trainable_variables)
-        self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate,
-                                              momentum=self.config.LEARNING_MOMENTUM)
-        self.optimizer.build(self.variables)
+        with self.strategy.scope():
+            self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate,
+                                                  momentum=self.config.LEARNING_MOMENTUM)
+            self.optimizer.build(self.variables)
+            self.loss_scale = (keras.Variable(2. ** 15, trainable=False, name="loss_scale")
+                               if self.config.MIXED_PRECISION == "mixed_float16" else None)
         self.decay_mask = [_decays(v) for v in self.variables]
         self.names = loss_names(self.config)
-        self.loss_scale = (keras.Variable(2. ** 15, trainable=False, name="loss_scale")
-                           if self.config.MIXED_PRECISION == "mixed_float16" else None)
         self._good_steps = 0
         jit = bool(self.config.JIT_COMPILE)
-        self._compute = tf.function(self._gradients, jit_compile=jit, reduce_retracing=True)
+        replica_step = tf.function(self._gradients, jit_compile=jit) if jit else self._gradients
+        replica_eval = tf.function(self._losses, jit_compile=jit) if jit else self._losses
+        self._compute = tf.function(lambda batch: self.strategy.run(replica_step, args=(batch,)),
+                                    reduce_retracing=True)
         self._apply = tf.function(self._apply_gradients, reduce_retracing=True)
-        self._eval_step = tf.function(self._losses, jit_compile=jit, reduce_retracing=True)
+        self._evaluate = tf.function(lambda batch: self.strategy.run(replica_eval, args=(batch, False)),
+                                     reduce_retracing=True)
+        # Several workers: a dead peer must give an error, not a hang.
+        self._watchdog = Watchdog() if self.workers > 1 else None
 
     # ---------------------------------------------------------------- graph
     def _losses(self, inputs, training):
         outputs = self.model(inputs, training=training)
-        return compute_losses(inputs, outputs, self.config, self.edge_loss)
+        return compute_losses(inputs, outputs, self.config, self.edge_loss, normalize=global_mean)
 
     def _gradients(self, inputs):
-        """Losses (dict of scalars, plus "loss" and "grad_norm") and the
-        clipped gradients of one batch."""
+        """One replica's share of the losses (dict of scalars, plus "loss" and
+        "grad_norm") and the global batch's clipped gradients."""
         with tf.GradientTape() as tape:
             losses = self._losses(inputs, True)
             total = total_loss(losses, self.config)
             scaled = total * self.loss_scale if self.loss_scale is not None else total
         grads = tape.gradient(scaled, self.variables)
         grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
+        grads = sum_over_replicas(grads)      # each replica's loss is its share of the global mean
         if self.loss_scale is not None:
             grads = [g / self.loss_scale for g in grads]
         wd = self.config.WEIGHT_DECAY
@@ -208,12 +228,42 @@ class Trainer:
         grads, grad_norm = tf.clip_by_global_norm(grads, self.config.GRADIENT_CLIP_NORM)
         losses = dict(losses)
         losses["loss"] = total
-        losses["grad_norm"] = grad_norm
+        losses["grad_norm"] = grad_norm / self.replicas     # summed over replicas below
         return losses, grads
 
     def _apply_gradients(self, grads, learning_rate):
+        """SGD with momentum (the Keras optimizer's ``update_step``) in
+        cross-replica context: each replica's copy of a weight is updated with
+        that replica's (identical, already summed) gradient. Keras's own
+        ``apply_gradients`` would all-reduce the gradients a second time."""
         self.optimizer.learning_rate = learning_rate
-        self.optimizer.apply_gradients(zip(grads, self.variables))
+        learning_rate = tf.cast(learning_rate, tf.float32)
+
+        def update(variable, gradient):
+            return self.optimizer.update_step(gradient, variable, learning_rate)
+
+        for gradient, variable in zip(grads, self.variables):
+            self.strategy.extended.update(getattr(variable, "value", variable), update, args=(gradient,),
+                                          group=False)
+        self.optimizer.iterations.assign_add(1)
+
+    def distribute(self, batch):
+        """A batch of this worker (IMAGES_PER_GPU x local replicas images, NumPy)
+        -> per-replica values for ``strategy.run`` (the batch itself on one device)."""
+        if self.replicas == 1:
+            return batch
+        per = self.config.IMAGES_PER_GPU
+        first = self.worker * (self.replicas // self.workers)
+
+        def part(context):
+            i = context.replica_id_in_sync_group - first
+            return {k: v[i * per:(i + 1) * per] for k, v in batch.items()}
+        return self.strategy.experimental_distribute_values_from_function(part)
+
+    def _reduce(self, values):
+        """Per-replica shares -> Python floats of the global batch."""
+        return {k: float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None))
+                for k, v in values.items()}
 
     # ----------------------------------------------------------------- steps
     def learning_rate(self, step=None):
@@ -227,8 +277,9 @@ class Trainer:
         without touching the weights, when the loss or the gradient is not
         finite (float16 gradient overflows are skipped instead)."""
         lr = self.learning_rate()
-        losses, grads = self._compute(batch)
-        values = {k: float(v) for k, v in losses.items()}
+        with self._watch(f"training step {self.global_step + 1}"):
+            losses, grads = self._compute(self.distribute(batch))
+            values = self._reduce(losses)
         values["lr"] = lr
         if self.loss_scale is not None:
             values["overflow"] = 0.
@@ -243,7 +294,8 @@ class Trainer:
                 "not applied, so the weights are those of the step before. Lower LEARNING_RATE (or raise "
                 "LEARNING_RATE_WARMUP_STEPS), check the data, or restart from the last checkpoint")
         else:
-            self._apply(grads, tf.constant(lr, tf.float32))
+            with self.strategy.scope(), self._watch(f"update {self.global_step + 1}"):
+                self._apply(grads, tf.constant(lr, tf.float32))     # cross-replica: no second all-reduce
             if self.loss_scale is not None:
                 self._good_steps += 1
                 if self._good_steps % self.LOSS_SCALE_PERIOD == 0:
@@ -251,7 +303,27 @@ class Trainer:
         self.global_step += 1
         return values
 
+    def evaluate_step(self, batch):
+        """The losses of one batch in inference mode (BatchNorm statistics untouched), as floats."""
+        with self._watch("validation step"):
+            values = self._reduce(self._evaluate(self.distribute(batch)))
+        values["loss"] = float(total_loss(values, self.config))
+        return values
+
     _train_step = train_step   # the name the benchmarks used
+
+    @contextlib.contextmanager
+    def _watch(self, what):
+        """Several workers: a dead peer gives a WorkerFailedError (or, if the
+        collective hangs instead of failing, the watchdog ends the process)."""
+        if self._watchdog is None:
+            yield
+            return
+        try:
+            with self._watchdog.watch(what):
+                yield
+        except PEER_ERRORS as e:
+            raise peer_failure(e, what) from e
 
     def restore_optimizer(self, checkpoint_path):
         n = load_optimizer_slots(checkpoint_path, self.optimizer)
@@ -263,25 +335,30 @@ class Trainer:
     def fit(self, train_dataset, val_dataset, epochs, augmentation=None, custom_callbacks=None,
             workers=None):
         m, c = self.m, self.config
-        os.makedirs(m.log_dir, exist_ok=True)
         start_epoch = m.epoch
         if start_epoch >= epochs:
             log.info("already trained for %d epochs (>= epochs=%d): nothing to do", start_epoch, epochs)
             return {}
+        # Only the chief writes logs and checkpoints; other workers write to a
+        # temporary folder that is removed at the end.
+        self.log_dir = m.log_dir if self.is_chief else tempfile.mkdtemp(prefix=f"mrcnn-worker{self.worker}-")
+        os.makedirs(self.log_dir, exist_ok=True)
         self.total_steps = epochs * c.STEPS_PER_EPOCH
         self.global_step = start_epoch * c.STEPS_PER_EPOCH
-        trim_logs(m.log_dir, start_epoch, self.global_step)
+        if self.is_chief:
+            trim_logs(self.log_dir, start_epoch, self.global_step)
+        shard = (self.worker, self.workers)
         train_loader = BatchLoader(train_dataset, c, shuffle=True, augmentation=augmentation,
                                    seed=self.seed, workers=workers,
-                                   start_step=start_epoch * c.STEPS_PER_EPOCH)
-        val_loader = (BatchLoader(val_dataset, c, shuffle=True, seed=12345, workers=workers)
+                                   start_step=start_epoch * c.STEPS_PER_EPOCH, shard=shard)
+        val_loader = (BatchLoader(val_dataset, c, shuffle=True, seed=12345, workers=workers, shard=shard)
                       if val_dataset is not None and c.VALIDATION_STEPS > 0 else None)
-        writer = tf.summary.create_file_writer(m.log_dir)
+        writer = tf.summary.create_file_writer(self.log_dir)
         history = {}
         log.info("training %s from epoch %d to %d, %d steps/epoch, %d trainable tensors, lr %g (%s, "
-                 "warm-up %d); logs in %s", c.NAME, start_epoch + 1, epochs, c.STEPS_PER_EPOCH,
-                 len(self.variables), self.base_learning_rate, c.LEARNING_RATE_SCHEDULE,
-                 c.LEARNING_RATE_WARMUP_STEPS, m.log_dir)
+                 "warm-up %d), %d replica(s) x %d images; logs in %s", c.NAME, start_epoch + 1, epochs,
+                 c.STEPS_PER_EPOCH, len(self.variables), self.base_learning_rate, c.LEARNING_RATE_SCHEDULE,
+                 c.LEARNING_RATE_WARMUP_STEPS, self.replicas, c.IMAGES_PER_GPU, self.log_dir)
         batches = iter(train_loader)
         for cb in custom_callbacks or []:
             if hasattr(cb, "set_model"):
@@ -292,6 +369,8 @@ class Trainer:
         finally:
             batches.close()
             writer.close()
+            if not self.is_chief:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
         return history
 
     def _run_epoch(self, epoch, epochs, batches, val_loader, writer, callbacks):
@@ -329,9 +408,7 @@ class Trainer:
             for _ in range(c.VALIDATION_STEPS):
                 vbatch = next(vbatches)
                 skipped += vbatch.pop("skipped", [])
-                vals = self._eval_step(vbatch, False)
-                vals = {k: float(v) for k, v in vals.items()}
-                vals["loss"] = float(total_loss(vals, c))
+                vals = self.evaluate_step(vbatch)
                 for k, v in vals.items():
                     vsums[k] = vsums.get(k, 0.) + v
             vbatches.close()
@@ -345,9 +422,9 @@ class Trainer:
                 tf.summary.scalar("epoch/" + k, v, step=epoch + 1)
         writer.flush()
         m.epoch = epoch + 1
-        path = m.checkpoint_path_for(m.epoch)
+        path = os.path.join(self.log_dir, os.path.basename(m.checkpoint_path_for(m.epoch)))
         save_checkpoint(path, self.model, m.epoch, self.optimizer, c)
-        _append_csv(os.path.join(m.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})
+        _append_csv(os.path.join(self.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})
         log.info("epoch %d: %s; checkpoint %s", epoch + 1,
                  ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), path)
         print("  " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k.startswith("val_")))
@@ -362,7 +439,7 @@ class Trainer:
                 tf.summary.scalar("step/" + k, v, step=global_step)
         row = {"step": global_step, **values}
         row["mrcnn_loss"] = sum(values[k] for k in L.LOSS_NAMES)
-        _append_csv(os.path.join(self.m.log_dir, "steps.csv"), row)
+        _append_csv(os.path.join(self.log_dir, "steps.csv"), row)
 
 
 def trim_logs(log_dir, epoch, step):

@@ -61,7 +61,7 @@ TRAINING_MODES = {"single": None, "full": (0, 1, 2), "base": (0, 1), "fine": (2,
 # Class-specific layers, excluded when loading weights trained on other classes.
 CLASS_SPECIFIC_LAYERS = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"]
 # Default total steps and most epochs (= checkpoints) of a run.
-DEFAULT_STEPS = {"builtin": 4000, "coco": 160000}
+DEFAULT_STEPS = {"builtin": 6000, "coco": 160000}
 MAX_EPOCHS = {"builtin": 10, "coco": 160}
 # Detections drawn in the evaluation figures (COCO AP ranks them all).
 FIGURE_MIN_SCORE = 0.5
@@ -123,7 +123,7 @@ def build_parser():
     parser.add_argument("--builtin-dir", metavar="DIR", default=DEFAULT_BUILTIN_DIR,
                         help="cache folder of the built-in data (default: %(default)s)")
     parser.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["images"], metavar="N",
-                        help="built-in data: N train and N/4 val images (default: %(default)s)")
+                        help="built-in data: N train images and min(100, N/4) val images (default: %(default)s)")
     parser.add_argument("--year", choices=["2014", "2017"], default="2017")
     parser.add_argument("--model", default=None, metavar="imagenet|coco|last|none|PATH",
                         help="weights to start from (train default: none; evaluate default: last)")
@@ -156,6 +156,12 @@ def build_parser():
     parser.add_argument("--on-bad-sample", choices=["raise", "skip"], default="raise",
                         help="a training image that fails to load stops training (raise) or is skipped "
                              "and reported at the end of the epoch (skip)")
+    parser.add_argument("--distribute", choices=["auto", "none", "mirrored", "multiworker"], default="auto",
+                        help="train: auto uses TF_CONFIG's workers (multiworker) or GPU_COUNT > 1 GPUs "
+                             "(mirrored); see the README section on several GPUs or machines")
+    parser.add_argument("--gpus", type=_positive_int, default=None, metavar="N",
+                        help="train: GPU_COUNT (replicas on this machine; the global batch is N x IMAGES_PER_GPU "
+                             "x machines)")
     parser.add_argument("--detection-mode", choices=["coco", "matterport"], default="coco",
                         help="evaluate: COCO-style detections (every class > 0.05, NMS 0.5, 100 per image) "
                              "or matterport's (top class per ROI, NMS 0.3, all scores)")
@@ -175,7 +181,10 @@ def make_config(args, num_classes=None, inference=False):
     fields = dict(EDGE_LOSS_FILTERS=list(filters), EDGE_LOSS_NORM=args.edge_loss_norm,
                   EDGE_LOSS_WEIGHT=args.edge_loss_weight, EDGE_LOSS_SMOOTHING_GT=smooth_gt,
                   EDGE_LOSS_SMOOTHING_PREDICTIONS=smooth_pred,
-                  ON_BAD_SAMPLE=getattr(args, "on_bad_sample", "raise"))
+                  ON_BAD_SAMPLE=getattr(args, "on_bad_sample", "raise"),
+                  DISTRIBUTE=getattr(args, "distribute", "auto"))
+    if getattr(args, "gpus", None) and not inference:
+        fields["GPU_COUNT"] = args.gpus
     if num_classes is not None:
         fields["NUM_CLASSES"] = int(num_classes)
     if getattr(args, "image_size", None):
