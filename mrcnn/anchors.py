@@ -10,13 +10,17 @@ import math
 
 import numpy as np
 
-from mrcnn import utils
+from mrcnn.boxes import box_refinement, norm_boxes
 
 
 def compute_backbone_shapes(config, image_shape):
     """[num_levels, (height, width)] of the pyramid levels for ``image_shape``."""
-    return [[int(math.ceil(image_shape[0] / s)), int(math.ceil(image_shape[1] / s))]
-            for s in config.BACKBONE_STRIDES]
+    return feature_shapes(config.BACKBONE_STRIDES, image_shape)
+
+
+def feature_shapes(strides, image_shape):
+    """[num_levels, (height, width)] of feature maps with ``strides`` on ``image_shape``."""
+    return [[int(math.ceil(image_shape[0] / s)), int(math.ceil(image_shape[1] / s))] for s in strides]
 
 
 def generate_anchors(scales, ratios, shape, feature_stride, anchor_stride):
@@ -82,11 +86,6 @@ def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, an
     return np.concatenate(anchors, axis=0)
 
 
-############################################################
-#  Box normalization
-############################################################
-
-
 def get_anchors(config, image_shape=None, normalized=True):
     """All anchors of the pyramid for ``image_shape`` (default ``config.IMAGE_SHAPE``).
 
@@ -101,12 +100,9 @@ def get_anchors(config, image_shape=None, normalized=True):
 
 @functools.lru_cache(maxsize=8)
 def _anchors(scales, ratios, strides, anchor_stride, shape, normalized):
-    class _C:  # compute_backbone_shapes only needs the strides
-        BACKBONE_STRIDES = strides
-    feature_shapes = compute_backbone_shapes(_C, shape)
-    anchors = generate_pyramid_anchors(scales, ratios, feature_shapes, strides, anchor_stride)
+    anchors = generate_pyramid_anchors(scales, ratios, feature_shapes(strides, shape), strides, anchor_stride)
     if normalized:
-        anchors = utils.norm_boxes(anchors, shape)
+        anchors = norm_boxes(anchors, shape)
     anchors = anchors.astype(np.float32)
     anchors.setflags(write=False)
     return anchors
@@ -190,7 +186,7 @@ def build_rpn_targets(anchors, gt_class_ids, gt_boxes, config, rng=None):
 
     pos = np.where(rpn_match == 1)[0]
     if len(pos):
-        deltas = utils.box_refinement(anchors[pos].astype(np.float64),
+        deltas = box_refinement(anchors[pos].astype(np.float64),
                                       gt_boxes[anchor_iou_argmax[pos]].astype(np.float64))
         rpn_bbox[pos] = deltas / np.asarray(config.RPN_BBOX_STD_DEV)
     return rpn_match, rpn_bbox

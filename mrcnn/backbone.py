@@ -40,6 +40,7 @@ def sync_batchnorm(enabled):
         _SYNC["enabled"] = old
 
 
+@keras.saving.register_keras_serializable(package="mrcnn")
 class BatchNorm(layers.BatchNormalization):
     """BatchNormalization whose mode is fixed at construction.
 

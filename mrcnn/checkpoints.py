@@ -66,8 +66,11 @@ def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra
 
 def read_epoch(path):
     """Epoch stored in one of our checkpoints, or None."""
-    with h5py.File(path, "r") as f:
-        return int(f.attrs["epoch"]) if f.attrs.get("format") == FORMAT else None
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["epoch"]) if f.attrs.get("format") == FORMAT else None
+    except OSError as e:
+        raise OSError(f"{path}: cannot read the checkpoint ({e})") from e
 
 
 def _read_ours(f):
@@ -95,13 +98,30 @@ def _read_keras2(f):
 
 
 def read_weights(path):
-    """Read a weight file into {layer name: [arrays]} (our format or Keras 2)."""
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") == FORMAT:
-            return _read_ours(f)
-        if "layer_names" in f.attrs or ("model_weights" in f and "layer_names" in f["model_weights"].attrs):
-            return _read_keras2(f)
+    """Read a weight file into {layer name: [arrays]} (our format or Keras 2);
+    None for another HDF5 layout. An unreadable file raises OSError naming it."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") == FORMAT:
+                return _read_ours(f)
+            if "layer_names" in f.attrs or ("model_weights" in f and "layer_names" in f["model_weights"].attrs):
+                return _read_keras2(f)
+    except (OSError, KeyError, ValueError) as e:
+        raise OSError(f"{path}: cannot read weights ({type(e).__name__}: {e}); the file may be truncated "
+                      "(a killed copy, a full disk)") from e
     return None
+
+
+def is_readable_checkpoint(path):
+    """True when ``path`` is one of our checkpoints and every weight array reads."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                return False
+            f.visititems(lambda name, item: item[()] if isinstance(item, h5py.Dataset) else None)
+        return True
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return False
 
 
 def load_into(keras_model, path, by_name=False, exclude=None):
@@ -118,7 +138,10 @@ def load_into(keras_model, path, by_name=False, exclude=None):
         if by_name or exclude:
             raise ValueError(f"{path}: a Keras 3 .weights.h5 file cannot be loaded by name; "
                              "use a checkpoint written by MaskRCNN.train or a Keras 2 .h5 file")
-        keras_model.load_weights(path)
+        try:
+            keras_model.load_weights(path)
+        except Exception as e:
+            raise OSError(f"{path}: cannot load these weights into the model ({type(e).__name__}: {e})") from e
         return [layer.name for layer in keras_model.layers if layer.weights]
     exclude = list(exclude or [])
     excluded = (lambda n: any(n == e or re.fullmatch(e, n) for e in exclude))
@@ -156,6 +179,13 @@ def _slot_key(variable):
     return variable.path.split("/", 1)[-1].replace("/", "|")
 
 
+def _open(path):
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise OSError(f"{path}: cannot read the checkpoint ({e})") from e
+
+
 def _slots(optimizer):
     """The optimizer's per-weight state (momentum), without its step counter
     and learning rate: a train() call runs at the rate it is given."""
@@ -170,7 +200,7 @@ def _slots(optimizer):
 def load_optimizer_slots(path, optimizer):
     """Restore the optimizer's momentum slots whose paths match those stored
     in ``path`` (never its learning rate or iteration count)."""
-    with h5py.File(path, "r") as f:
+    with _open(path) as f:
         if f.attrs.get("format") != FORMAT or "optimizer" not in f:
             return 0
         g = f["optimizer"]

@@ -1,7 +1,7 @@
 """COCO-format datasets as a matterport ``utils.Dataset``.
 
 ``CocoDataset`` reads a COCO folder laid out as the official release (or as
-written by ``mrcnn.synthetic.write_coco_dataset``)::
+written by ``mrcnn.synthetic_coco.write_coco_dataset``)::
 
     <dataset_dir>/annotations/instances_<subset><year>.json
     <dataset_dir>/<subset><year>/<file_name>
@@ -37,6 +37,7 @@ import math
 import os
 
 import numpy as np
+from tqdm.auto import tqdm
 from pycocotools import mask as maskUtils
 from pycocotools.coco import COCO
 
@@ -267,6 +268,27 @@ def validate_coco_json(data, annotation_file="<annotations>", max_errors=10):
                          f"annotations:\n  {shown}{more}")
 
 
+def check_image_files(image_dir, images, annotation_file="<annotations>", show=10):
+    """Raise FileNotFoundError listing every image of ``images`` (COCO image
+    dicts) whose file under ``image_dir`` is missing or empty."""
+    bad = []
+    for img in tqdm(images, desc=f"checking {len(images)} image files", unit="img", leave=False,
+                    disable=len(images) < 1000):
+        path = os.path.join(image_dir, img["file_name"])
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            bad.append((img["id"], path, "missing"))
+            continue
+        if size == 0:
+            bad.append((img["id"], path, "empty"))
+    if bad:
+        lines = "\n".join(f"  image id {i}: {path} ({what})" for i, path, what in bad[:show])
+        more = f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""
+        raise FileNotFoundError(f"{annotation_file}: {len(bad)} of {len(images)} image files are missing or "
+                                f"empty under {image_dir}:\n{lines}{more}")
+
+
 ############################################################
 #  Dataset
 ############################################################
@@ -283,7 +305,7 @@ class CocoDataset(utils.Dataset):
     """
 
     def load_coco(self, dataset_dir, subset, year="2017", class_ids=None, class_map=None,
-                  return_coco=False, limit=None, auto_download=False):
+                  return_coco=False, limit=None, auto_download=False, check_images=True):
         """Load a subset of a COCO-format dataset.
 
         Args:
@@ -297,6 +319,10 @@ class CocoDataset(utils.Dataset):
             return_coco: also return the ``pycocotools.coco.COCO`` object.
             limit: keep only the first ``limit`` images (sorted by image id).
             auto_download: not supported (no downloads); must be False.
+            check_images: check up front (with a progress bar) that every
+                image file exists and is not empty, and report all the bad
+                ones at once; False skips it (a bad file then fails when it
+                is first loaded, naming it).
 
         Returns:
             the ``COCO`` object if ``return_coco`` else None.
@@ -305,6 +331,8 @@ class CocoDataset(utils.Dataset):
             FileNotFoundError: missing annotation file or image folder.
             ValueError: malformed annotation file (names the file and the
                 annotation id), unknown ``class_ids``, invalid ``limit``.
+            FileNotFoundError: image files missing or empty (lists them all,
+                with their COCO image ids).
         """
         if auto_download:
             raise ValueError("load_coco: auto_download is not supported; download COCO "
@@ -343,6 +371,8 @@ class CocoDataset(utils.Dataset):
         if limit is not None:
             image_ids = image_ids[:limit]
 
+        if check_images:
+            check_image_files(image_dir, [coco.imgs[i] for i in image_ids], annotation_file)
         for c in class_ids:
             self.add_class("coco", c, coco.loadCats(c)[0]["name"])
         for i in image_ids:

@@ -8,7 +8,8 @@ they are. Sub-class it, override what you need, and the derived values
 naming the field for inconsistent values.
 
 The Edge Agreement Loss fields (``EDGE_LOSS_*``) are described in
-`mrcnn.edge_agreement` and in the paper, sections 3-5.
+``docs/edge-agreement.md``, `mrcnn.edge_agreement` and the paper, sections
+3-5. Ready-made configurations are in ``mrcnn.presets``.
 """
 
 import copy
@@ -232,6 +233,8 @@ class Config:
             if high is not None and value > high:
                 fail(field, f"must be <= {high}, got {value!r}")
 
+        number("GPU_COUNT", 1, integer=True)
+        number("IMAGES_PER_GPU", 1, integer=True)
         number("LEARNING_RATE", 0, low_open=True)
         number("LEARNING_MOMENTUM", 0, 1)
         number("WEIGHT_DECAY", 0)
@@ -295,10 +298,6 @@ class Config:
                  f"POST_NMS_ROIS_TRAINING={self.POST_NMS_ROIS_TRAINING}")
         if len(np.asarray(self.MEAN_PIXEL).reshape(-1)) != self.IMAGE_CHANNEL_COUNT:
             fail("MEAN_PIXEL", f"needs IMAGE_CHANNEL_COUNT={self.IMAGE_CHANNEL_COUNT} values")
-        if self.BATCH_SIZE < 1:
-            fail("IMAGES_PER_GPU", "batch size must be at least 1")
-        number("GPU_COUNT", 1, integer=True)
-        number("IMAGES_PER_GPU", 1, integer=True)
         if self.DISTRIBUTE not in ("auto", "none", "mirrored", "multiworker"):
             fail("DISTRIBUTE", f"{self.DISTRIBUTE!r}; choose 'auto', 'none', 'mirrored' or 'multiworker'")
         if not self.USE_RPN_ROIS:
@@ -324,11 +323,20 @@ class Config:
         Config.__init__(new)
         return new
 
+    #: Values __init__ computes from the others.
+    DERIVED_FIELDS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
+
+    @classmethod
+    def from_dict(cls, fields):
+        """A config with the fields of ``to_dict()`` (derived values recomputed)."""
+        attrs = {k: v for k, v in fields.items() if k not in cls.DERIVED_FIELDS}
+        return type(str(attrs.get("NAME") or cls.__name__), (cls,), attrs)()
+
     def to_dict(self):
         """All upper-case attributes as a plain dict (NumPy arrays as lists)."""
         out = {}
         for name in sorted(dir(self)):
-            if name.isupper() and not name.startswith("_"):
+            if name.isupper() and not name.startswith("_") and name != "DERIVED_FIELDS":
                 value = getattr(self, name)
                 if callable(value):
                     continue

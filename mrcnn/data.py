@@ -157,8 +157,19 @@ def mold_inputs(images, config):
 
 
 # ---------------------------------------------------------------------------
-# Augmentation (imgaug does not import under NumPy 2; these are ours)
+# Augmentation
 # ---------------------------------------------------------------------------
+#
+# ``train(augmentation=...)`` accepts:
+#   - "fliplr" (the paper's only augmentation) or None;
+#   - an albumentations (2.x) transform or ``Compose``;
+#   - an object with imgaug's augmenter protocol (``to_deterministic``,
+#     ``augment_image``), as matterport code passes (imgaug itself does not
+#     import under NumPy 2; such code runs where it does);
+#   - any callable ``f(image, masks, rng) -> (image, masks)``.
+# Augmentation runs on the image as loaded, before the resize to the config's
+# size, so crops and scale changes are fine. Instances whose mask is empty
+# afterwards (cropped out) are dropped.
 
 class HorizontalFlip:
     """Flip image and masks left-right with probability ``p`` (the paper's only augmentation)."""
@@ -176,7 +187,7 @@ class Compose:
     """Apply augmentations in order; each is ``f(image, masks, rng) -> (image, masks)``."""
 
     def __init__(self, *augmentations):
-        self.augmentations = augmentations
+        self.augmentations = [get_augmentation(a) for a in augmentations]
 
     def __call__(self, image, masks, rng):
         for aug in self.augmentations:
@@ -184,14 +195,73 @@ class Compose:
         return image, masks
 
 
+class Albumentations:
+    """An albumentations transform as ``f(image, masks, rng)``: the masks
+    [H, W, N] go through it as a list of N masks (so every spatial transform
+    moves them with the image, colour transforms leave them alone), and the
+    transform is seeded from ``rng`` so that the data order's seed fixes it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, masks, rng):
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(int(rng.integers(2 ** 31 - 1)))
+        out = self.transform(image=np.ascontiguousarray(image),
+                             masks=[np.ascontiguousarray(masks[:, :, i], dtype=np.uint8)
+                                    for i in range(masks.shape[-1])])
+        image = out["image"]
+        new = out.get("masks", [])
+        masks = (np.stack([np.asarray(m) > 0 for m in new], axis=-1) if len(new)
+                 else np.zeros(image.shape[:2] + (0,), bool))
+        return image, masks
+
+
+class ImgaugProtocol:
+    """An imgaug augmenter (matterport's ``augmentation=iaa.Sequential(...)``):
+    one deterministic copy augments the image and the masks; for the masks only
+    spatial augmenters run (matterport's MASK_AUGMENTERS hook)."""
+
+    MASK_AUGMENTERS = ("Sequential", "SomeOf", "OneOf", "Sometimes", "Fliplr", "Flipud", "CropAndPad",
+                       "Affine", "PiecewiseAffine")
+
+    def __init__(self, augmenter):
+        self.augmenter = augmenter
+
+    def __call__(self, image, masks, rng):
+        det = self.augmenter.to_deterministic()
+        image_shape = image.shape
+        image = det.augment_image(image)
+        try:
+            import imgaug
+            hooks = imgaug.HooksImages(activator=lambda images, augmenter, parents, default:
+                                       augmenter.__class__.__name__ in self.MASK_AUGMENTERS)
+            masks = det.augment_image(masks.astype(np.uint8), hooks=hooks)
+        except ImportError:           # an imgaug-like object without imgaug: it must be spatial only
+            masks = det.augment_image(masks.astype(np.uint8))
+        if image.shape[:2] != masks.shape[:2]:
+            raise ValueError(f"augmentation changed the image to {image.shape} (from {image_shape}) but the "
+                             f"masks to {masks.shape}")
+        return image, masks.astype(bool)
+
+
 def get_augmentation(augmentation):
-    """None, "fliplr", or a callable ``f(image, masks, rng)``."""
-    if augmentation is None or callable(augmentation):
+    """The augmentation as ``f(image, masks, rng) -> (image, masks)`` (see above)."""
+    if augmentation is None:
+        return None
+    if isinstance(augmentation, str):
+        if augmentation == "fliplr":
+            return HorizontalFlip()
+        raise ValueError(f"unknown augmentation {augmentation!r}: use None, 'fliplr', an albumentations "
+                         "transform, an imgaug augmenter or a callable f(image, masks, rng) -> (image, masks)")
+    if type(augmentation).__module__.split(".")[0] == "albumentations":
+        return Albumentations(augmentation)
+    if hasattr(augmentation, "to_deterministic") and hasattr(augmentation, "augment_image"):
+        return ImgaugProtocol(augmentation)
+    if callable(augmentation):
         return augmentation
-    if augmentation == "fliplr":
-        return HorizontalFlip()
-    raise ValueError(f"unknown augmentation {augmentation!r}: use None, 'fliplr' or a callable "
-                     "f(image, masks, rng) -> (image, masks)")
+    raise ValueError(f"augmentation {augmentation!r} is neither 'fliplr', an albumentations transform, an "
+                     "imgaug augmenter nor a callable f(image, masks, rng) -> (image, masks)")
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +269,7 @@ def get_augmentation(augmentation):
 # ---------------------------------------------------------------------------
 
 def load_image_gt(dataset, config, image_id, augmentation=None, rng=None):
-    """Load, resize and augment one training image and its instances.
+    """Load, augment and resize one training image and its instances.
 
     Returns:
         image: [IMAGE_SHAPE] uint8
@@ -209,7 +279,7 @@ def load_image_gt(dataset, config, image_id, augmentation=None, rng=None):
         mask: [mask_h, mask_w, N] bool (mini masks when USE_MINI_MASK)
     """
     rng = np.random.default_rng() if rng is None else rng
-    image = dataset.load_image(image_id)
+    image = np.asarray(dataset.load_image(image_id))
     mask, class_ids = dataset.load_mask(image_id)
     mask = np.asarray(mask, bool)
     class_ids = np.asarray(class_ids, np.int32)
@@ -218,15 +288,18 @@ def load_image_gt(dataset, config, image_id, augmentation=None, rng=None):
         class_ids = np.zeros([0], np.int32)
     if hasattr(dataset, "validate_instance"):
         dataset.validate_instance(image_id, image, mask, class_ids)
-    original_shape = image.shape
-    image, window, scale, padding, crop = resize_for_config(image, config, rng=rng)
-    mask = utils.resize_mask(mask, scale, padding, crop)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError("the image has NaN or infinite pixel values")
+    augmentation = get_augmentation(augmentation)
     if augmentation is not None:
         image, mask = augmentation(image, mask, rng)
         image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
-        if image.shape != tuple(config.IMAGE_SHAPE):
-            raise ValueError(f"augmentation changed the image shape to {image.shape}; "
-                             f"expected {tuple(config.IMAGE_SHAPE)}")
+        if image.ndim != 3 or mask.shape[:2] != image.shape[:2] or mask.shape[-1] != len(class_ids):
+            raise ValueError(f"augmentation returned an image of shape {image.shape} and masks of shape "
+                             f"{mask.shape} for {len(class_ids)} instances; the masks must follow the image")
+    original_shape = image.shape
+    image, window, scale, padding, crop = resize_for_config(image, config, rng=rng)
+    mask = utils.resize_mask(mask, scale, padding, crop)
     # Instances cropped away or shrunk to nothing disappear.
     keep = np.where(np.any(mask, axis=(0, 1)))[0]
     mask, class_ids = mask[:, :, keep], class_ids[keep]

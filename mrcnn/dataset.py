@@ -31,7 +31,8 @@ class Dataset(object):
             def image_reference(self, image_id):
                 ...
 
-    See COCODataset and ShapesDataset as examples.
+    See ``mrcnn.coco_dataset.CocoDataset`` and ``mrcnn.synthetic.SyntheticShapesDataset``
+    as examples.
     """
 
     def __init__(self, class_map=None):

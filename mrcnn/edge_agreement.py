@@ -1,7 +1,9 @@
 """The Edge Agreement Head: an auxiliary mask loss on instance boundaries.
 
 Zimmermann & Siems 2018, "Faster Training of Mask R-CNN by Focusing on
-Instance Boundaries", sections 3-5; DESIGN.md section 4 has the exact definition.
+Instance Boundaries", sections 3-5; ``docs/edge-agreement.md`` has the exact
+definition (filters, orientation, padding, smoothing kernel, normalization,
+the weighted-entropy variant) and where this library differs from matterport.
 
 Data flow (training graph only; the head has no trainable variables and is
 absent from the inference model)::
@@ -291,6 +293,7 @@ def edge_error_map(gt_mask, pred_mask, filters=("sobel",), norm=2, smoothing_gt=
             ops.convert_to_numpy(pred_edges)[0])
 
 
+@keras.saving.register_keras_serializable(package="mrcnn")
 class EdgeAgreementLoss(keras.layers.Layer):
     """Keras layer computing `edge_agreement_loss`; no trainable variables.
 

@@ -6,13 +6,14 @@
     DetectionLayer        ROIs + head outputs -> final detections (inference)
 
 Shapes. Every tensor has a static shape fixed by the config: zero rows mark
-unused slots (padding) and 0/1 weights replace variable-length gathers. The
-batch is processed as a whole (no ``map_fn``); ROI sampling draws random keys
-and keeps the ``top_k``, and RoIAlign reads all pyramid levels from one
-"atlas" tensor, so no ``where``/``boolean_mask``/``scatter_nd`` is needed.
-With ``jit_compile`` (``Config.JIT_COMPILE``) the layers switch to their
-XLA-compatible primitives: padded NMS (``non_max_suppression_padded``) and a
-gather-based bilinear sampler instead of ``crop_and_resize``.
+unused slots (padding) and 0/1 weights replace variable-length gathers. ROI
+sampling processes the batch as a whole, draws random keys and keeps the
+``top_k``; RoIAlign reads all pyramid levels from one "atlas" tensor; so no
+``where``/``boolean_mask``/``scatter_nd`` is needed. Two primitives have a
+fast default and an XLA-compatible variant, chosen by ``Config.JIT_COMPILE``:
+NMS (per image with ``tf.image.non_max_suppression`` in a ``map_fn``, or the
+batched ``non_max_suppression_padded``) and bilinear sampling
+(``crop_and_resize``, or gathers of the four neighbours).
 
 Coordinates. Boxes inside the graph are normalized ``(y1, x1, y2, x2)`` in
 matterport's convention (``utils.norm_boxes``): a pixel box with exclusive
@@ -230,6 +231,16 @@ def sampler_for(config):
 # Proposal layer
 # ---------------------------------------------------------------------------
 
+def _config_dict(config):
+    return {k: v for k, v in config.to_dict().items() if not callable(v)}
+
+
+def _config_object(fields):
+    from mrcnn.config import Config
+    return fields if isinstance(fields, Config) else Config.from_dict(fields)
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
 class ProposalLayer(keras.layers.Layer):
     """Turn RPN outputs into at most ``proposal_count`` proposals per image.
 
@@ -319,6 +330,7 @@ def pyramid_atlas(feature_maps):
     return atlas, np.array(origins, np.float32)
 
 
+@keras.saving.register_keras_serializable(package="mrcnn")
 class PyramidROIAlign(keras.layers.Layer):
     """RoIAlign on the pyramid level chosen by each ROI's size.
 
@@ -536,6 +548,7 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config,
     return rois, class_ids, deltas, masks
 
 
+@keras.saving.register_keras_serializable(package="mrcnn")
 class DetectionTargetLayer(keras.layers.Layer):
     """ROI sampling and targets for a batch (see ``detection_targets_graph``).
 
@@ -549,8 +562,11 @@ class DetectionTargetLayer(keras.layers.Layer):
     def __init__(self, config, seed=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.config = config
+        self.config = _config_object(config)
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def get_config(self):
+        return {**super().get_config(), "config": _config_dict(self.config)}
 
     def call(self, inputs):
         proposals, gt_class_ids, gt_boxes, gt_masks = inputs
@@ -567,6 +583,7 @@ class DetectionTargetLayer(keras.layers.Layer):
 # Detection layer (inference)
 # ---------------------------------------------------------------------------
 
+@keras.saving.register_keras_serializable(package="mrcnn")
 class DetectionLayer(keras.layers.Layer):
     """Refine ROIs with their class-specific deltas, then per-class NMS.
 
@@ -596,7 +613,7 @@ class DetectionLayer(keras.layers.Layer):
     def __init__(self, config, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.config = config
+        self.config = config = _config_object(config)
         mode = getattr(config, "DETECTION_MODE", "matterport")
         if mode not in DETECTION_MODES:
             raise ValueError(f"DETECTION_MODE must be one of {DETECTION_MODES}, got {mode!r}")
@@ -640,3 +657,6 @@ class DetectionLayer(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], self.config.DETECTION_MAX_INSTANCES, 6)
+
+    def get_config(self):
+        return {**super().get_config(), "config": _config_dict(self.config)}

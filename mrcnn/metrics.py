@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from mrcnn.utils import compute_overlaps, compute_overlaps_masks  # noqa: F401
+from mrcnn.boxes import compute_overlaps, compute_overlaps_masks, extract_bboxes  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,6 @@ def image_ap(dataset, image_id, result, iou_threshold=0.5):
     Crowd instances (negative class ids) are left out. Returns None when the
     image has neither ground truth nor detections (nothing to score).
     """
-    from mrcnn.utils import extract_bboxes
     gt_masks, gt_class_ids = dataset.load_mask(image_id)
     keep = gt_class_ids > 0
     if not keep.any() and not len(result["class_ids"]):

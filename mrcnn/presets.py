@@ -1,4 +1,5 @@
-"""Ready-made configurations.
+"""Ready-made configurations: ``CocoConfig`` (matterport's, GPU-sized) and
+``CpuConfig``.
 
 ``CpuConfig`` is sized to train Mask R-CNN from scratch in minutes on a
 laptop-class CPU: the small ResNet, narrow FPN and heads, 128x128 images,
@@ -22,6 +23,14 @@ import numpy as np
 
 from mrcnn.config import Config
 from mrcnn.synthetic import CLASS_NAMES
+
+
+class CocoConfig(Config):
+    """matterport's COCO configuration (GPU-sized: ResNet-101, 1024x1024, 2 images per GPU)."""
+
+    NAME = "coco"
+    IMAGES_PER_GPU = 2
+    NUM_CLASSES = 1 + 80
 
 
 class CpuConfig(Config):

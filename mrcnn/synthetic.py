@@ -531,14 +531,3 @@ class SyntheticShapesDataset(utils.Dataset):
         if info["source"] != self.SOURCE:
             return super().image_reference(image_id)
         return f"shapes:{info['split']}:seed={info['seed']}:index={info['index']}"
-
-
-_EXPORTED = ("CocoPaths", "mask_to_polygons", "mask_to_rle", "write_coco_dataset", "ensure_coco_dataset")
-
-
-def __getattr__(name):
-    # The COCO export lives in mrcnn.synthetic_coco (imported lazily: it imports this module).
-    if name in _EXPORTED:
-        from mrcnn import synthetic_coco
-        return getattr(synthetic_coco, name)
-    raise AttributeError(f"module 'mrcnn.synthetic' has no attribute {name!r}")

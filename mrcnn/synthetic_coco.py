@@ -21,8 +21,8 @@ import numpy as np
 import skimage.measure
 from scipy import ndimage
 
-from mrcnn.synthetic import (CLASS_NAMES, COCO_CATEGORY_IDS, GENERATOR_VERSION, _bbox,  # noqa: F401
-                             render_image)
+from mrcnn.boxes import extract_bboxes
+from mrcnn.synthetic import CLASS_NAMES, COCO_CATEGORY_IDS, GENERATOR_VERSION, render_image  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _has_holes(mask):
 
 
 def _coco_bbox(mask):
-    y1, x1, y2, x2 = _bbox(mask)
+    y1, x1, y2, x2 = (int(v) for v in extract_bboxes(np.asarray(mask)[:, :, None])[0])
     return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
 
 

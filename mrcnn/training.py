@@ -13,8 +13,6 @@ Every ``log_every`` steps the step losses and the rate go to ``steps.csv``.
 """
 
 import contextlib
-import csv
-import glob
 import logging
 import math
 import os
@@ -23,7 +21,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 import tensorflow as tf
 import keras
 from keras import ops
@@ -31,6 +28,7 @@ from keras import ops
 from mrcnn import losses as L
 from mrcnn.checkpoints import load_optimizer_slots, save_checkpoint
 from mrcnn.data import BatchLoader
+from mrcnn.logs import append_row, trim
 from mrcnn.distribute import (PEER_ERRORS, Watchdog, global_mean, peer_failure, sum_over_replicas,
                               worker_info)
 from mrcnn.layers import parse_image_meta_graph
@@ -182,8 +180,9 @@ class Trainer:
         self.seed = seed
         self.log_every = log_every
         self.base_learning_rate = float(learning_rate)
+        self.epoch = mrcnn.epoch           # epochs checkpointed; the facade reads it back
         self.total_steps = self.config.STEPS_PER_EPOCH
-        self.global_step = mrcnn.epoch * self.config.STEPS_PER_EPOCH
+        self.global_step = self.epoch * self.config.STEPS_PER_EPOCH
         self.edge_loss = make_edge_loss(self.config)
         self.variables = list(self.model.trainable_variables)
         with self.strategy.scope():
@@ -335,7 +334,7 @@ class Trainer:
     def fit(self, train_dataset, val_dataset, epochs, augmentation=None, custom_callbacks=None,
             workers=None):
         m, c = self.m, self.config
-        start_epoch = m.epoch
+        start_epoch = self.epoch
         if start_epoch >= epochs:
             log.info("already trained for %d epochs (>= epochs=%d): nothing to do", start_epoch, epochs)
             return {}
@@ -346,7 +345,7 @@ class Trainer:
         self.total_steps = epochs * c.STEPS_PER_EPOCH
         self.global_step = start_epoch * c.STEPS_PER_EPOCH
         if self.is_chief:
-            trim_logs(self.log_dir, start_epoch, self.global_step)
+            trim(self.log_dir, start_epoch, self.global_step)
         shard = (self.worker, self.workers)
         train_loader = BatchLoader(train_dataset, c, shuffle=True, augmentation=augmentation,
                                    seed=self.seed, workers=workers,
@@ -374,7 +373,7 @@ class Trainer:
         return history
 
     def _run_epoch(self, epoch, epochs, batches, val_loader, writer, callbacks):
-        m, c = self.m, self.config
+        m, c = self.m, self.config      # the facade: read only (checkpoint names)
         print(f"Epoch {epoch + 1}/{epochs}")
         bar = keras.utils.Progbar(c.STEPS_PER_EPOCH, stateful_metrics=["grad_norm", "lr"])
         sums = {}
@@ -421,10 +420,10 @@ class Trainer:
             for k, v in logs.items():
                 tf.summary.scalar("epoch/" + k, v, step=epoch + 1)
         writer.flush()
-        m.epoch = epoch + 1
-        path = os.path.join(self.log_dir, os.path.basename(m.checkpoint_path_for(m.epoch)))
-        save_checkpoint(path, self.model, m.epoch, self.optimizer, c)
-        _append_csv(os.path.join(self.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})
+        path = os.path.join(self.log_dir, os.path.basename(m.checkpoint_path_for(epoch + 1)))
+        save_checkpoint(path, self.model, epoch + 1, self.optimizer, c)
+        self.epoch = epoch + 1
+        append_row(os.path.join(self.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})
         log.info("epoch %d: %s; checkpoint %s", epoch + 1,
                  ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), path)
         print("  " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k.startswith("val_")))
@@ -439,47 +438,4 @@ class Trainer:
                 tf.summary.scalar("step/" + k, v, step=global_step)
         row = {"step": global_step, **values}
         row["mrcnn_loss"] = sum(values[k] for k in L.LOSS_NAMES)
-        _append_csv(os.path.join(self.log_dir, "steps.csv"), row)
-
-
-def trim_logs(log_dir, epoch, step):
-    """Prepare a run folder for resuming after ``epoch`` (global step ``step``):
-    drop rows of ``history.csv`` past ``epoch`` and of ``steps.csv`` past
-    ``step`` (written after the last checkpoint by a run that crashed), and
-    remove temporary checkpoint files left by a killed writer."""
-    for name, column, last in (("history.csv", "epoch", epoch), ("steps.csv", "step", step)):
-        path = os.path.join(log_dir, name)
-        if not os.path.exists(path):
-            continue
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or column not in rows[0]:
-            continue
-        col = rows[0].index(column)
-        kept = [rows[0]] + [r for r in rows[1:] if r and float(r[col]) <= last]
-        if len(kept) != len(rows):
-            log.info("%s: dropped %d rows after %s %d (resuming there)", path, len(rows) - len(kept),
-                     column, last)
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-    for tmp in glob.glob(os.path.join(glob.escape(log_dir), "*.tmp-*")):
-        log.info("removing stale temporary file %s", tmp)
-        os.remove(tmp)
-
-
-def _append_csv(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def read_csv(path):
-    """Rows of a history.csv/steps.csv as a dict column -> np.ndarray."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+        append_row(os.path.join(self.log_dir, "steps.csv"), row)

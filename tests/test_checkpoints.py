@@ -67,7 +67,11 @@ def test_find_last_ignores_runs_of_configs_with_a_longer_name(tmp_path):
     m = modellib.MaskRCNN("inference", Coco(), str(tmp_path))
     mine = tmp_path / "coco20260101T000000"
     other = tmp_path / "coco_builtin20270101T000000"
+    import h5py
+    from mrcnn.checkpoints import FORMAT
     for d, name in ((mine, "coco"), (other, "coco_builtin")):
         d.mkdir()
-        (d / f"mask_rcnn_{name}_0003.weights.h5").write_bytes(b"")
+        with h5py.File(d / f"mask_rcnn_{name}_0003.weights.h5", "w") as f:   # a minimal readable checkpoint
+            f.attrs["format"], f.attrs["epoch"] = FORMAT, 3
+            f.create_group("weights").create_dataset("w", data=[1.0])
     assert m.find_last() == os.path.join(str(mine), "mask_rcnn_coco_0003.weights.h5")

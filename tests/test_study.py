@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mrcnn import study as S
+from samples.edge_study import analysis as S
 
 STEPS = np.arange(10, 2001, 10, dtype=np.float64)
 

@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from mrcnn import synthetic
 from mrcnn.synthetic import (CLASS_NAMES, COCO_CATEGORY_IDS, MIN_AREA, SyntheticShapesDataset,
-                             ensure_coco_dataset, generate_image, mask_to_polygons, mask_to_rle,
-                             render_image, write_coco_dataset)
+                             generate_image, render_image)
+from mrcnn.synthetic_coco import ensure_coco_dataset, mask_to_polygons, mask_to_rle, write_coco_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_VARIETY = 50

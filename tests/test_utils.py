@@ -219,13 +219,20 @@ def test_resize_image_square_scaled():
     assert scale == pytest.approx(40 / 30)
     assert out.shape == (80, 80, 3) and out.dtype == np.uint8
     check_window_and_padding(out, window, padding, (40, 67))
-    ref = skimage.transform.resize(img, (40, 67), order=1, mode="constant", preserve_range=True,
+    ref = skimage.transform.resize(img, (40, 67), order=1, mode="edge", preserve_range=True,
                                    anti_aliasing=False)
     y1, x1, y2, x2 = window
     assert np.abs(out[y1:y2, x1:x2].astype(int) - np.round(ref)).max() <= 1
     # max_dim caps the scale.
     out2, window2, scale2, _, _ = utils.resize_image(img, min_dim=60, max_dim=80, mode="square")
     assert scale2 == pytest.approx(80 / 50) and window2[3] - window2[1] == 80
+
+
+def test_resize_image_scaling_up_keeps_the_border_values():
+    img = np.full((30, 50, 3), 200, np.uint8)
+    out, window, *_ = utils.resize_image(img, min_dim=48, max_dim=80, mode="square")
+    y1, x1, y2, x2 = window
+    assert (out[y1:y2, x1:x2] == 200).all(), "matterport's constant mode darkened the border rows"
 
 
 def test_resize_image_keeps_float_dtype():

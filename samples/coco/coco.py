@@ -40,10 +40,10 @@ ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 if ROOT_DIR not in sys.path:
     sys.path.insert(0, ROOT_DIR)
 
-from mrcnn.config import BACKBONES, Config  # noqa: E402
+from mrcnn.config import BACKBONES  # noqa: E402
 from mrcnn.coco_dataset import CocoDataset  # noqa: E402
 from mrcnn.edge_agreement import FILTERS  # noqa: E402
-from mrcnn.presets import CpuConfig  # noqa: E402
+from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
 
 log = logging.getLogger("coco")
@@ -65,13 +65,6 @@ DEFAULT_STEPS = {"builtin": 6000, "coco": 160000}
 MAX_EPOCHS = {"builtin": 10, "coco": 160}
 # Detections drawn in the evaluation figures (COCO AP ranks them all).
 FIGURE_MIN_SCORE = 0.5
-
-
-class CocoConfig(Config):
-    """matterport's COCO configuration (GPU-sized)."""
-    NAME = "coco"
-    IMAGES_PER_GPU = 2
-    NUM_CLASSES = 1 + 80
 
 
 class BuiltinCocoConfig(CpuConfig):

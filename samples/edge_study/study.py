@@ -54,12 +54,16 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow start-up logs
 ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-for path in (ROOT_DIR, os.path.join(ROOT_DIR, "samples", "coco")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+DEFAULT_BUILTIN_DIR = os.path.join(ROOT_DIR, "data", "builtin-coco")
 
-import coco  # noqa: E402  (samples/coco/coco.py: configs, built-in data, loaders)
-from mrcnn import study as S  # noqa: E402
+try:                      # imported as samples.edge_study.study (the tests)
+    from . import analysis as S
+except ImportError:       # run as a script: the analysis module sits next to it
+    import analysis as S  # noqa: E402
+from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
+from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
+
+CONFIGS = {"CpuConfig": CpuConfig, "CocoConfig": CocoConfig}
 
 log = logging.getLogger("edge_study")
 
@@ -70,13 +74,20 @@ EDGE_MAP_SEEDS = (0,)
 # Command line
 # ---------------------------------------------------------------------------
 
+def _positive_int(value):
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive integer")
+    return n
+
+
 def _config_override(text):
     """KEY=VALUE with VALUE a Python literal (else a string): (KEY, value)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. IMAGES_PER_GPU=2")
     key, value = text.split("=", 1)
     key = key.strip()
-    if not key.isupper() or not hasattr(coco.BuiltinCocoConfig, key):
+    if not key.isupper() or not hasattr(CpuConfig, key):
         raise argparse.ArgumentTypeError(f"{key!r} is not a config field (see mrcnn/config.py)")
     if key.startswith("EDGE_LOSS_"):
         raise argparse.ArgumentTypeError(f"{key}: edge-loss fields are set by the arms only")
@@ -95,23 +106,23 @@ def build_parser():
     run.add_argument("--arms", nargs="+", choices=list(S.ARMS), metavar="ARM",
                      default=["baseline", "sobel", "laplace", "sobel+laplace"],
                      help=f"arms to run (default: %(default)s); valid: {', '.join(S.ARMS)}")
-    run.add_argument("--seeds", type=coco._positive_int, default=3, help="seeds 0..N-1 (default: 3)")
-    run.add_argument("--steps", type=coco._positive_int, required=True, help="training steps per run")
-    run.add_argument("--epochs", type=coco._positive_int, default=5,
+    run.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
+    run.add_argument("--steps", type=_positive_int, required=True, help="training steps per run")
+    run.add_argument("--epochs", type=_positive_int, default=5,
                      help="epochs (= checkpoints) the steps are split into (default: 5)")
     run.add_argument("--dataset", default="builtin", metavar="builtin|DIR",
                      help="'builtin' (synthetic COCO-format data) or a COCO root folder")
     run.add_argument("--year", choices=["2014", "2017"], default="2017")
     run.add_argument("--out", required=True, metavar="RUN_DIR", help="study folder")
-    run.add_argument("--eval-limit", type=coco._positive_int, default=None, metavar="K",
+    run.add_argument("--eval-limit", type=_positive_int, default=None, metavar="K",
                      help="evaluate on the first K val images (default: all built-in / 500 COCO)")
     run.add_argument("--eval-min-confidence", type=float, default=0.05, metavar="S",
                      help="DETECTION_MIN_CONFIDENCE for the COCO evaluation (default: %(default)s, "
                           "as Detectron evaluates; coco.py evaluate keeps all detections, 0.0)")
-    run.add_argument("--log-every", type=coco._positive_int, default=10, help="steps between loss rows")
-    run.add_argument("--builtin-dir", default=coco.DEFAULT_BUILTIN_DIR, metavar="DIR",
+    run.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss rows")
+    run.add_argument("--builtin-dir", default=DEFAULT_BUILTIN_DIR, metavar="DIR",
                      help="cache folder of the built-in data (default: %(default)s)")
-    run.add_argument("--builtin-images", type=coco._positive_int, default=coco.BUILTIN["images"], metavar="N",
+    run.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["images"], metavar="N",
                      help="built-in data: N train and N/4 val images, as coco.py (default: %(default)s)")
     run.add_argument("--set", type=_config_override, action="append", default=[], metavar="KEY=VALUE",
                      dest="overrides", help="config override for all arms, e.g. IMAGES_PER_GPU=2")
@@ -139,7 +150,7 @@ def study_settings(args):
         "year": args.year,
         "builtin": ({"dir": os.path.abspath(args.builtin_dir), "images": args.builtin_images}
                     if builtin else None),
-        "config": (coco.BuiltinCocoConfig if builtin else coco.CocoConfig).__name__,
+        "config": "CpuConfig" if builtin else "CocoConfig",
         "overrides": {k: v for k, v in args.overrides},
         "steps": steps_per_epoch * epochs, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
         "log_every": args.log_every,
@@ -153,7 +164,7 @@ def study_settings(args):
 def make_config(settings, arm, inference=False, **extra):
     """Config instance for ``arm``: the dataset's base config + --set overrides +
     the arm's EDGE_LOSS_* fields (+ ``extra``)."""
-    base = coco.BuiltinCocoConfig if settings["config"] == "BuiltinCocoConfig" else coco.CocoConfig
+    base = CONFIGS[settings["config"]]
     attrs = dict(settings["overrides"])
     attrs.update(STEPS_PER_EPOCH=settings["steps_per_epoch"], VALIDATION_STEPS=0)
     attrs.update(S.arm_overrides(arm))
@@ -163,17 +174,26 @@ def make_config(settings, arm, inference=False, **extra):
     return type(base.__name__, (base,), attrs)()
 
 
+def load_subset(root, subset, year, limit=None, return_coco=False):
+    """A prepared CocoDataset of ``root`` (and its pycocotools COCO object)."""
+    from mrcnn.coco_dataset import CocoDataset
+    dataset = CocoDataset()
+    coco = dataset.load_coco(root, subset, year=year, limit=limit, return_coco=True)
+    dataset.prepare()
+    return (dataset, coco) if return_coco else dataset
+
+
 def prepare_data(settings):
     """(train dataset, val dataset, val COCO) of the study, generating built-in data once."""
+    from mrcnn.synthetic_coco import ensure_builtin_coco
     root = settings["dataset"]
     if root == "builtin":     # the same cache and generator settings as coco.py
         b = settings["builtin"]
-        root = coco.dataset_root(argparse.Namespace(dataset=None, builtin_dir=b["dir"],
-                                                    builtin_images=b["images"], year=settings["year"]))
-    train = coco.load_subset(root, "train", settings["year"])
+        root = ensure_builtin_coco(b["dir"], images=b["images"], year=settings["year"])
+    train = load_subset(root, "train", settings["year"])
     val_subset = "minival" if settings["dataset"] != "builtin" and settings["year"] == "2014" else "val"
-    val, val_coco = coco.load_subset(root, val_subset, settings["year"], limit=settings["eval_limit"],
-                                     return_coco=True)
+    val, val_coco = load_subset(root, val_subset, settings["year"], limit=settings["eval_limit"],
+                                return_coco=True)
     log.info("data: %d train, %d val images from %s", len(train.image_ids), len(val.image_ids), root)
     return train, val, val_coco
 
@@ -297,7 +317,7 @@ def run_one(settings, arm, seed, run_path, train_set, val_set, val_coco):
     """Train, evaluate and (seed 0) draw edge maps of one arm x seed; write done.json."""
     import keras
     from mrcnn import model as modellib
-    from mrcnn.training import read_csv
+    from mrcnn.logs import read_table as read_csv
     keras.backend.clear_session()
     config = make_config(settings, arm)
     keras.utils.set_random_seed(seed)     # same initial weights in every arm

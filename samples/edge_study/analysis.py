@@ -156,7 +156,7 @@ def read_curves(steps_csv, log_every=None):
     ``log_every`` only steps on the grid ``step % log_every == 0`` are kept
     (when at least two are). Curves whose column is absent are left out.
     """
-    from mrcnn.training import read_csv
+    from mrcnn.logs import read_table as read_csv
     table = read_csv(steps_csv)
     if not table:
         raise ValueError(f"{steps_csv}: no rows")

@@ -1,0 +1,58 @@
+"""Training logs: ``history.csv`` (one row per epoch) and ``steps.csv`` (one
+row every ``log_every`` steps) in a run folder. Plain CSV, read and written
+without TensorFlow.
+"""
+
+import csv
+import glob
+import logging
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def append_row(path, row):
+    """Append ``row`` (a dict) to the CSV file ``path``, writing the header first
+    if the file is new. Floats are written with 6 significant digits."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_table(path):
+    """Rows of a history.csv/steps.csv as a dict column -> np.ndarray (float64)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+def trim(log_dir, epoch, step):
+    """Prepare a run folder for resuming after ``epoch`` (global step ``step``):
+    drop rows of ``history.csv`` past ``epoch`` and of ``steps.csv`` past
+    ``step`` (written after the last checkpoint by a run that crashed), and
+    remove temporary checkpoint files left by a killed writer."""
+    for name, column, last in (("history.csv", "epoch", epoch), ("steps.csv", "step", step)):
+        path = os.path.join(log_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or column not in rows[0]:
+            continue
+        col = rows[0].index(column)
+        kept = [rows[0]] + [r for r in rows[1:] if r and float(r[col]) <= last]
+        if len(kept) != len(rows):
+            log.info("%s: dropped %d rows after %s %d (resuming there)", path, len(rows) - len(kept),
+                     column, last)
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+    for tmp in glob.glob(os.path.join(glob.escape(log_dir), "*.tmp-*")):
+        log.info("removing stale temporary file %s", tmp)
+        os.remove(tmp)
