@@ -18,7 +18,8 @@ from keras import layers as KL, ops
 from mrcnn.anchors import get_anchors
 from mrcnn.backbone import build_backbone, sync_batchnorm
 from mrcnn.heads import BoxHead, MaskHead, RPNHead
-from mrcnn.layers import DetectionLayer, DetectionTargetLayer, ProposalLayer, positive_rois, sampler_for
+from mrcnn.layers import (DetectionLayer, DetectionTargetLayer, PositiveSlots, ProposalLayer, positive_rois,
+                          sampler_for)
 
 #: The built graph: ``keras_model``; ``detector`` (inference only: detections
 #: and the P2..P5 feature maps); the ``box_head`` and ``mask_head`` objects.
@@ -99,15 +100,19 @@ def _build(mode, config):
         rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer(
             config, name="proposal_targets")([rpn_rois, input_gt_class_ids, gt_boxes, input_gt_masks])
         mrcnn_class_logits, mrcnn_class, mrcnn_bbox = box_head(rois, mrcnn_feature_maps)
-        # The mask head runs on the positive slots only (the first P ROIs):
-        # the others have no mask loss.
-        mask_logits = mask_head(rois[:, :positive_rois(config)], mrcnn_feature_maps)
+        # The mask head runs on the positive slots only (the first P ROIs; the
+        # others have no mask loss), and without XLA only on as many of them
+        # as the batch's image with the most positives has.
+        mask_rois, mask_class_ids, target_mask = PositiveSlots(
+            positive_rois(config), dynamic=not config.JIT_COMPILE, name="positive_slots")(
+            [rois, target_class_ids, target_mask])
+        mask_logits = mask_head(mask_rois, mrcnn_feature_maps)
         inputs = [input_image, input_image_meta, input_rpn_match, input_rpn_bbox,
                   input_gt_class_ids, input_gt_boxes, input_gt_masks]
         outputs = {
             "rpn_class_logits": rpn_class_logits, "rpn_class": rpn_class, "rpn_bbox": rpn_bbox,
             "rpn_rois": rpn_rois, "rois": rois, "target_class_ids": target_class_ids,
-            "target_bbox": target_bbox, "target_mask": target_mask,
+            "target_bbox": target_bbox, "target_mask": target_mask, "mask_class_ids": mask_class_ids,
             "mrcnn_class_logits": mrcnn_class_logits, "mrcnn_class": mrcnn_class,
             "mrcnn_bbox": mrcnn_bbox, "mrcnn_mask_logits": mask_logits,
             "mrcnn_mask": ops.sigmoid(mask_logits),

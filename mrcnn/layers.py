@@ -579,6 +579,41 @@ class DetectionTargetLayer(keras.layers.Layer):
         return ((b, T, 4), (b, T), (b, T, 4), (b, P, *self.config.MASK_SHAPE))
 
 
+@keras.saving.register_keras_serializable(package="mrcnn")
+class PositiveSlots(keras.layers.Layer):
+    """The ROI slots the mask head runs on.
+
+    Inputs: rois [batch, T, 4], class_ids [batch, T], target masks [batch, P, h, w]
+    (``DetectionTargetLayer``: the positives of each image are its first rows).
+    Outputs: rois [batch, n, 4], class_ids [batch, n], target masks [batch, n, h, w].
+    With ``dynamic`` (the default without XLA) n is the largest number of
+    positives of an image of the batch (at least 1), so the mask head does no
+    work for slots that have no mask loss; otherwise n = P (static shapes).
+    """
+
+    def __init__(self, slots, dynamic=True, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.slots = int(slots)
+        self.dynamic = bool(dynamic)
+
+    def call(self, inputs):
+        rois, class_ids, masks = inputs
+        n = self.slots
+        if self.dynamic:
+            positives = tf.reduce_sum(tf.cast(class_ids[:, :n] > 0, tf.int32), axis=1)
+            n = tf.maximum(tf.reduce_max(positives), 1)
+        return rois[:, :n], class_ids[:, :n], masks[:, :n]
+
+    def compute_output_shape(self, input_shape):
+        n = None if self.dynamic else self.slots
+        rois, ids, masks = input_shape
+        return (rois[0], n, 4), (ids[0], n), (masks[0], n) + tuple(masks[2:])
+
+    def get_config(self):
+        return {**super().get_config(), "slots": self.slots, "dynamic": self.dynamic}
+
+
 # ---------------------------------------------------------------------------
 # Detection layer (inference)
 # ---------------------------------------------------------------------------

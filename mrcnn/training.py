@@ -92,7 +92,7 @@ def compute_losses(inputs, outputs, config, edge_loss=None, normalize=None):
     ``mrcnn_mask_edge_loss`` already includes EDGE_LOSS_WEIGHT.
     """
     active = parse_image_meta_graph(inputs["input_image_meta"])["active_class_ids"]
-    positive_ids = outputs["target_class_ids"][:, :outputs["target_mask"].shape[1]]
+    positive_ids = outputs["mask_class_ids"]      # the slots the mask head ran on
     out = {
         "rpn_class_loss": L.rpn_class_loss(inputs["input_rpn_match"], outputs["rpn_class_logits"], normalize),
         "rpn_bbox_loss": L.rpn_bbox_loss(inputs["input_rpn_match"], inputs["input_rpn_bbox"],
