@@ -73,15 +73,24 @@ def training_wait(dataset, config, steps, warmup, workers):
     return wait / total, 1000. * total / steps
 
 
-def evaluation_speed(dataset, config, batch, limit):
+def evaluation_speed(dataset, config, batch, limit, weights):
+    """images/s of detect_dataset with ``batch`` images per detect() call; the
+    model gets the weights of the ``weights`` model, so that every batch size
+    detects the same."""
     from mrcnn import evaluation, model as modellib
+    from mrcnn.checkpoints import layers_with_weights
     m = modellib.MaskRCNN("inference", config.derive(IMAGES_PER_GPU=batch, **evaluation.COCO_DETECTION),
                           os.path.join(ROOT_DIR, "logs", "bench"))
+    if weights is not None:
+        source = layers_with_weights(weights.keras_model)
+        for name, layer in layers_with_weights(m.keras_model).items():
+            for w, v in zip(layer.weights, source[name].weights):
+                w.assign(v)
     ids = list(dataset.image_ids[:limit])
     evaluation.detect_dataset(m, dataset, ids[:batch], progress=False)       # compile
     t0 = time.perf_counter()
     results, _ = evaluation.detect_dataset(m, dataset, ids, progress=False)
-    return len(ids) / (time.perf_counter() - t0), len(results)
+    return len(ids) / (time.perf_counter() - t0), len(results), m
 
 
 def main(argv=None):
@@ -121,8 +130,8 @@ def main(argv=None):
     print("\n" + "\n".join(rows))
 
     config = configs()["cpu"]
-    single, n1 = evaluation_speed(datasets["val"], config, 1, args.eval_images)
-    batched, n2 = evaluation_speed(datasets["val"], config, args.eval_batch, args.eval_images)
+    single, n1, model = evaluation_speed(datasets["val"], config, 1, args.eval_images, None)
+    batched, n2, _ = evaluation_speed(datasets["val"], config, args.eval_batch, args.eval_images, model)
     print(f"\ndetect_dataset on {args.eval_images} built-in val images (CpuConfig, COCO-style detections): "
           f"{single:.1f} images/s one image per detect() call, {batched:.1f} images/s in batches of "
           f"{args.eval_batch} ({n1} / {n2} detections)")

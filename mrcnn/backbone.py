@@ -9,7 +9,8 @@ Backbones:
     resnet50      [3, 4, 6, 3] bottleneck blocks, 64..2048 channels
     resnet101     [3, 4, 23, 3] bottleneck blocks
     resnet_small  [1, 1, 1, 1] bottleneck blocks, a quarter of the channels; for
-                  CPU tests and demos (about 1/30 of resnet50's parameters)
+                  CPU tests and demos (about 1/45 of resnet50's parameters:
+                  0.5 M against 23.6 M, without the FPN)
 """
 
 import contextlib
@@ -145,7 +146,9 @@ def resnet_graph(input_image, architecture, train_bn=False):
     """Build the ResNet stages C1..C5.
 
     input_image: [batch, H, W, channels] (H, W divisible by 64)
-    Returns [C1, C2, C3, C4, C5] with strides 2, 4, 8, 16, 32.
+    Returns [C1, C2, C3, C4, C5] with strides 4, 4, 8, 16, 32 (C1 is the
+    stem after its stride-2 convolution and stride-2 max pooling; stage 2 keeps
+    that resolution).
     """
     if architecture not in STAGE_BLOCKS:
         raise ValueError(f"unknown backbone {architecture!r}; choose one of {sorted(STAGE_BLOCKS)}")

@@ -5,8 +5,9 @@ layer's weights by layer name, so a checkpoint loads by name into a training or
 an inference model (or a model with different heads, with ``exclude``), plus the
 optimizer's momentum slots by variable path, so that resumed training continues
 with the same momentum (the learning rate is not restored: each ``train()``
-call runs at the rate and schedule it is given). Files are written to a temporary name and renamed: a crash never
-leaves a half-written checkpoint behind.
+call runs at the rate and schedule it is given). Files are written to a
+temporary name and renamed: a crash never leaves a half-written checkpoint
+behind.
 """
 
 import json

@@ -33,8 +33,9 @@ class Config:
     # Name of the configuration, used in log directory and checkpoint names.
     NAME = None
 
-    # Images per device and number of devices (the global batch, BATCH_SIZE,
-    # is their product). GPU_COUNT > 1 trains with tf.distribute (see
+    # Images per device and number of devices of one machine; BATCH_SIZE is
+    # their product (the global batch is BATCH_SIZE on one machine, BATCH_SIZE
+    # x machines on several). GPU_COUNT > 1 trains with tf.distribute (see
     # DISTRIBUTE and mrcnn.distribute); inference runs on one device.
     GPU_COUNT = 1
     IMAGES_PER_GPU = 2
@@ -87,10 +88,13 @@ class Config:
     USE_MINI_MASK = True
     MINI_MASK_SHAPE = (56, 56)
 
-    # "square": resize so that the short side is at least IMAGE_MIN_DIM and the
-    # long side at most IMAGE_MAX_DIM, then zero-pad to IMAGE_MAX_DIM square.
-    # "crop": (training only) resize as above, then take a random
-    # IMAGE_MIN_DIM x IMAGE_MIN_DIM crop; inference uses "square".
+    # "square": scale up (never down) so that the short side is at least
+    # IMAGE_MIN_DIM (and the scale at least IMAGE_MIN_SCALE when it is set),
+    # then down if needed so that the long side is at most IMAGE_MAX_DIM
+    # (which wins), then zero-pad, centred, to IMAGE_MAX_DIM square.
+    # "crop": (training only) scale up for IMAGE_MIN_DIM / IMAGE_MIN_SCALE
+    # only, then take a random IMAGE_MIN_DIM x IMAGE_MIN_DIM crop; inference
+    # uses "square".
     IMAGE_RESIZE_MODE = "square"
     IMAGE_MIN_DIM = 800
     IMAGE_MAX_DIM = 1024
@@ -187,10 +191,12 @@ class Config:
     MIXED_PRECISION = None
 
     # ---- Edge Agreement Head (Zimmermann & Siems 2018). Empty list = off. ----
-    # Any of "sobel", "sobel-x", "sobel-y", "laplace", "laplace4",
-    # "prewitt-x", "prewitt-y" (see mrcnn.edge_agreement.FILTERS).
+    # Any of "sobel" (= "sobel-x" + "sobel-y"), "sobel-x", "sobel-y", "laplace",
+    # "laplace4", "prewitt" (= "prewitt-x" + "prewitt-y"), "prewitt-x",
+    # "prewitt-y" (see mrcnn.edge_agreement.FILTERS and FILTER_GROUPS); one
+    # string ("sobel+laplace" joins names) or a list.
     EDGE_LOSS_FILTERS = []
-    # p of the L^p loss (>= 1); the paper's best is 2.
+    # p of the L^p loss (a number >= 1, or "l1".."l5"); the paper's best is 2.
     EDGE_LOSS_NORM = 2
     # alpha, the factor of the edge loss in the total loss.
     EDGE_LOSS_WEIGHT = 1.0

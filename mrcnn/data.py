@@ -9,7 +9,8 @@ A batch (``build_batch``) holds
     input_rpn_match  [batch, num_anchors] int32 (1 / -1 / 0)
     input_rpn_bbox   [batch, num_anchors, 4] float32 (dense deltas, 0 off positives)
     input_gt_class_ids [batch, MAX_GT_INSTANCES] int32 (0 = padding, < 0 = crowd)
-    input_gt_boxes   [batch, MAX_GT_INSTANCES, (y1, x1, y2, x2)] pixel coordinates
+    input_gt_boxes   [batch, MAX_GT_INSTANCES, (y1, x1, y2, x2)] int32 pixel coordinates
+                     of the resized image (y2, x2 exclusive)
     input_gt_masks   [batch, mask_h, mask_w, MAX_GT_INSTANCES] bool (mini masks
                      when USE_MINI_MASK, else full image size)
 """

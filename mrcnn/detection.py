@@ -81,7 +81,8 @@ def unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape,
     """Detections of one image in the molded frame -> original-image pixels.
 
     detections: [DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)]
-        normalized; rows with a zero class or a non-finite value are dropped.
+        normalized; rows with a zero class or a non-finite value are dropped,
+        and so are boxes with no area once rounded to original pixels.
     mrcnn_mask: [n, mask_h, mask_w, num_classes] probabilities of the first
         n rows, or [n, mask_h, mask_w] already of each row's class.
     image_shape: the molded image's shape; window: (y1, x1, y2, x2) pixels of

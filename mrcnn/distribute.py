@@ -19,7 +19,7 @@ computes its losses as (its sum) / (the global batch's count), the gradients
 are all-reduced by sum (so they are the global batch's mean gradient, exactly
 as on one device), weight decay and clipping apply to that, and the optimizer
 update runs in cross-replica context. Only the chief writes checkpoints and
-logs (``is_chief``).
+logs (``worker_info``, ``Trainer.is_chief``).
 """
 
 import contextlib

@@ -468,8 +468,9 @@ class PeriodicEvaluation:
     detects on ``dataset`` and is scored against ``coco_gt`` with
     ``evaluate_all``. Each evaluation becomes a row of ``rows`` and of
     ``<log_dir>/ap_curve.csv``: epoch, global step, training seconds so far
-    (the epochs' wall time, evaluation excluded) and ``<iou type>_<metric>``
-    for every metric (e.g. ``segm_AP``, ``boundary_AP50``).
+    (the epochs' wall time, evaluation excluded), ``detect_ms_per_image`` and
+    ``<iou type>_<metric>`` for every metric (e.g. ``segm_AP``,
+    ``boundary_AP50``).
     """
 
     def __init__(self, inference_model, dataset, coco_gt, every=1, image_ids=None, log_dir=None,

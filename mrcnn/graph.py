@@ -40,8 +40,10 @@ def dtype_policy(name):
 def build_graph(mode, config):
     """Build the Keras functional model of ``mode`` ("training" or "inference").
 
-    Every shape is static: the batch is IMAGES_PER_GPU images per replica in
-    training, BATCH_SIZE at inference. Layers are created under
+    Every shape is static (except, in training without JIT_COMPILE, the
+    number of ROI slots the mask head runs on: ``PositiveSlots``): the batch
+    is IMAGES_PER_GPU images per replica in training, BATCH_SIZE at
+    inference. Layers are created under
     ``config.MIXED_PRECISION``'s dtype policy (the custom layers, the output
     layers and the losses stay float32), and BatchNorm layers synchronize
     their statistics across replicas when ``config.SYNC_BN``. Returns a

@@ -8,10 +8,11 @@ same computation with plain layers. Layer names (``rpn_conv_shared``,
 matterport's, so its ``.h5`` weights load by name.
 
 Each head is an object that owns its layers and can be called more than once:
-on symbolic tensors while the Keras model is built, and on concrete tensors
-(with a dynamic number of ROIs) by ``MaskRCNN.detect``, which runs the mask
-head on the real detections only. The output layers (logits, deltas) compute
-in float32 under mixed precision.
+on symbolic tensors while the Keras model is built, and on tensors with a
+dynamic number of ROIs inside ``mrcnn.detection``'s predict function
+(``MaskRCNN.detect``) and ``mrcnn.export``'s serving function, which run the
+mask head on the real detections only. The output layers (logits, deltas)
+compute in float32 under mixed precision.
 """
 
 from keras import layers, ops
@@ -58,8 +59,9 @@ def _unfold(x, batch):
 
 
 class BoxHead:
-    """Box/class head: RoIAlign, two 1024-wide "fully connected" layers (as
-    convolutions, matterport's layout), class logits and class-specific deltas.
+    """Box/class head: RoIAlign, two ``fc_layers_size``-wide "fully connected"
+    layers (FPN_CLASSIF_FC_LAYERS_SIZE, 1024 by default; as convolutions,
+    matterport's layout), class logits and class-specific deltas.
 
     Call with rois [batch, num_rois, (y1, x1, y2, x2)] normalized and
     feature_maps [P2, P3, P4, P5]; returns

@@ -2,18 +2,21 @@
 
     ProposalLayer         RPN scores + deltas -> NMS-filtered proposals
     DetectionTargetLayer  proposals + ground truth -> sampled ROIs and their targets (training)
+    PositiveSlots         sampled ROIs -> the positive slots the mask head runs on (training)
     PyramidROIAlign       ROIs + FPN maps -> fixed-size pooled features
     DetectionLayer        ROIs + head outputs -> final detections (inference)
 
-Shapes. Every tensor has a static shape fixed by the config: zero rows mark
-unused slots (padding) and 0/1 weights replace variable-length gathers. ROI
-sampling processes the batch as a whole, draws random keys and keeps the
-``top_k``; RoIAlign reads all pyramid levels from one "atlas" tensor; so no
-``where``/``boolean_mask``/``scatter_nd`` is needed. Two primitives have a
-fast default and an XLA-compatible variant, chosen by ``Config.JIT_COMPILE``:
-NMS (per image with ``tf.image.non_max_suppression`` in a ``map_fn``, or the
-batched ``non_max_suppression_padded``) and bilinear sampling
-(``crop_and_resize``, or gathers of the four neighbours).
+Shapes. Every tensor has a static shape fixed by the config (one exception:
+without XLA, ``PositiveSlots`` trims the mask head's ROI slots to the largest
+number of positives of an image of the batch, so that axis is dynamic): zero
+rows mark unused slots (padding) and 0/1 weights replace variable-length
+gathers. ROI sampling processes the batch as a whole, draws random keys and
+keeps the ``top_k``; RoIAlign reads all pyramid levels from one "atlas"
+tensor; so no ``where``/``boolean_mask``/``scatter_nd`` is needed. Two
+primitives have a fast default and an XLA-compatible variant, chosen by
+``Config.JIT_COMPILE``: NMS (per image with ``tf.image.non_max_suppression``
+in a ``map_fn``, or the batched ``non_max_suppression_padded``) and bilinear
+sampling (``crop_and_resize``, or gathers of the four neighbours).
 
 Coordinates. Boxes inside the graph are normalized ``(y1, x1, y2, x2)`` in
 matterport's convention (``utils.norm_boxes``): a pixel box with exclusive

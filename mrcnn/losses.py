@@ -4,8 +4,9 @@ All losses are means over the elements that count, computed with static shapes
 (0/1 weights instead of dynamic gathers) in float32, and are exactly 0 when
 nothing counts. Each takes ``normalize(total, count)``: the training loop's
 version divides by the count of the global batch under a distribution
-strategy, so that the replicas' losses add up to the global batch's mean. The mask loss takes logits (numerically stable binary
-cross-entropy).
+strategy, so that the replicas' losses add up to the global batch's mean. The
+mask loss takes logits (numerically stable binary cross-entropy).
+
 matterport defects fixed here: zero-padded ROIs no longer count as background
 in ``mrcnn_class_loss``; the RPN box targets are dense, so no batch packing.
 """

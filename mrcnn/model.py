@@ -89,7 +89,8 @@ class MaskRCNN:
         return runs.checkpoint_path(self.log_dir, self.config, epoch)
 
     def find_last(self):
-        """Path of the last readable checkpoint of the most recent run of this config's NAME."""
+        """Path of the newest readable checkpoint of this config's NAME: that of the
+        most recent run that has one (``runs.find_last``)."""
         return runs.find_last(self.model_dir, self.config)
 
     # -------------------------------------------------------------- weights
@@ -136,7 +137,8 @@ class MaskRCNN:
         seed: fixes ROI sampling and the data order (call
             ``keras.utils.set_random_seed`` before creating the model to fix
             the initial weights too).
-        workers: data loader processes (default: one per core; 0: none).
+        workers: data loader processes (default: one per CPU core, at most 8;
+            0: batches are built in the training loop itself).
         log_every: steps between rows of ``steps.csv`` (the loss curves).
         Returns the last epoch's logs (losses, val_ losses, lr, ms_per_step, ...).
         """

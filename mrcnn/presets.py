@@ -5,7 +5,8 @@
 laptop-class CPU: the small ResNet, narrow FPN and heads, 128x128 images,
 full-resolution mask targets, warm-up and a cosine learning-rate decay. It
 is the configuration of ``make demo`` (``samples/coco/coco.py`` on the
-built-in data), of the shapes sample, the edge study and the benchmarks.
+built-in data), of the shapes sample, the edge study on the built-in data and
+most benchmarks (``benchmarks/vs_torchvision.py`` has its own).
 Its ``NUM_CLASSES`` is that of the built-in synthetic data
 (``mrcnn.synthetic``); set it for your own data::
 

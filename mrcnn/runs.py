@@ -55,9 +55,10 @@ def resume_point(path):
 
 
 def find_last(model_dir, config):
-    """Path of the last readable checkpoint of the most recent run of the
-    config's NAME under ``model_dir``; an unreadable (truncated) newest
-    checkpoint is skipped with a warning."""
+    """Path of the newest readable checkpoint of the config's NAME under
+    ``model_dir``: the last one of the most recent run that has a readable
+    one. Unreadable (truncated) checkpoints are skipped with a warning, and a
+    run without a readable checkpoint falls back to the run before it."""
     name = run_name(config)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"no model directory {model_dir!r}: nothing trained yet")

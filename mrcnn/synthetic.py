@@ -15,8 +15,8 @@ Three ways to use it:
 
 - ``generate_image(seed, index)`` -> ``(image, masks, class_ids)``;
 - ``SyntheticShapesDataset`` (a ``utils.Dataset``) generating images on the fly;
-- ``write_coco_dataset`` / ``ensure_coco_dataset`` (in ``mrcnn.synthetic_coco``,
-  also importable from here) writing a real COCO-format folder.
+- ``write_coco_dataset`` / ``ensure_coco_dataset`` (in ``mrcnn.synthetic_coco``)
+  writing a real COCO-format folder.
 
 Occlusion: objects are painted in order, later ones on top. The masks returned
 are the *visible* parts (an earlier mask minus all later masks), so masks never

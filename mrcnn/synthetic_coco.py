@@ -142,7 +142,9 @@ def write_coco_dataset(root, subset="train", year="2017", count=200, height=128,
     that images with ``i % negative_every == 3`` have no objects (kept as
     negatives) and images with ``i % crowd_every == 6`` get a cluster of small
     objects on top, annotated as one ``iscrowd=1`` RLE region (0 disables
-    either; for periods of at most 3 or 6 the last image of each period). Category ids are ``COCO_CATEGORY_IDS`` (not contiguous).
+    either; for periods of at most 3 or 6 the last image of each period; a
+    negative image gets no crowd). Category ids are ``COCO_CATEGORY_IDS`` (not
+    contiguous).
     Segmentations are polygons, uncompressed RLE or compressed RLE, see
     `_segmentation`.
 

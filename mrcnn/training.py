@@ -93,6 +93,8 @@ def compute_losses(inputs, outputs, config, edge_loss=None, normalize=None):
     """
     active = parse_image_meta_graph(inputs["input_image_meta"])["active_class_ids"]
     positive_ids = outputs["mask_class_ids"]      # the slots the mask head ran on
+    # Each slot's mask logits of its class, selected once for both mask losses.
+    mask_logits = L.select_class_masks(outputs["mrcnn_mask_logits"], positive_ids)
     out = {
         "rpn_class_loss": L.rpn_class_loss(inputs["input_rpn_match"], outputs["rpn_class_logits"], normalize),
         "rpn_bbox_loss": L.rpn_bbox_loss(inputs["input_rpn_match"], inputs["input_rpn_bbox"],
@@ -101,13 +103,12 @@ def compute_losses(inputs, outputs, config, edge_loss=None, normalize=None):
                                                active, outputs["rois"], normalize),
         "mrcnn_bbox_loss": L.mrcnn_bbox_loss(outputs["target_bbox"], outputs["target_class_ids"],
                                              outputs["mrcnn_bbox"], normalize),
-        "mrcnn_mask_loss": L.mrcnn_mask_loss(outputs["target_mask"], positive_ids,
-                                             outputs["mrcnn_mask_logits"], normalize),
+        "mrcnn_mask_loss": L.mrcnn_mask_loss(outputs["target_mask"], positive_ids, mask_logits, normalize),
     }
     if edge_loss is not None:
         # The edge head sees sigmoid probabilities of the positive slots' class (paper section 3).
-        probs = ops.sigmoid(L.select_class_masks(outputs["mrcnn_mask_logits"], positive_ids))
-        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], positive_ids, probs], normalize=normalize)
+        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], positive_ids, ops.sigmoid(mask_logits)],
+                                        normalize=normalize)
     return out
 
 
@@ -177,6 +178,10 @@ class Trainer:
         self.strategy = getattr(mrcnn, "strategy", None) or tf.distribute.get_strategy()
         self.worker, self.workers, self.is_chief = worker_info(self.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
+        if self.replicas > 1 and self.replicas != self.workers * self.config.GPU_COUNT:
+            raise ValueError(f"the strategy has {self.replicas} replicas on {self.workers} worker(s), but "
+                             f"GPU_COUNT is {self.config.GPU_COUNT}: set GPU_COUNT to the devices of each "
+                             "worker, so that every replica gets IMAGES_PER_GPU images of the batch")
         self.seed = seed
         self.log_every = log_every
         self.base_learning_rate = float(learning_rate)

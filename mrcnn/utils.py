@@ -88,11 +88,12 @@ def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square
     """Resizes an image keeping the aspect ratio unchanged.
 
     image: [height, width, channels] (or [height, width]).
-    min_dim: if provided, resizes the image such that its smaller dimension == min_dim
-    max_dim: if provided, ensures that the image longest side doesn't
-        exceed this value.
-    min_scale: if provided, ensure that the image is scaled up by at least
-        this percent even if min_dim doesn't require it.
+    min_dim: if provided, scales the image up (never down) so that its
+        smaller side is at least min_dim.
+    max_dim: if provided ("square" mode), ensures that the image's longest
+        side doesn't exceed this value; it wins over min_dim and min_scale.
+    min_scale: if provided, ensures that the scale factor is at least this
+        value even if min_dim doesn't require it.
     mode: Resizing mode.
         none: No resizing. Return the image unchanged.
         square: Resize and pad with zeros to get a square image

@@ -9,7 +9,7 @@
     python samples/edge_study/study.py arms
 
 Every run (arm x seed) uses the same data order, initialization and schedule;
-only the EDGE_LOSS_* fields differ (``mrcnn.study.ARMS``):
+only the EDGE_LOSS_* fields differ (``ARMS`` in ``samples/edge_study/analysis.py``):
 
 - ``keras.utils.set_random_seed(seed)`` before building the model (the edge
   head adds no variables, so all arms start from identical weights) and again
@@ -35,8 +35,8 @@ already compares all arms. Resuming: a run with ``done.json`` is skipped; an
 unfinished run folder is deleted and the run restarts from step 0 (simpler
 than resuming from a checkpoint, with the same initialization and data
 order as an uninterrupted run; TensorFlow's multi-threaded CPU kernels are
-not bit-reproducible, so losses agree only to float rounding noise). Only the last checkpoint (plus the edge-map ones for
-seed 0) is kept.
+not bit-reproducible, so losses agree only to float rounding noise). Only the
+last checkpoint (plus the edge-map ones for seed 0) is kept.
 """
 
 import argparse
@@ -118,12 +118,12 @@ def build_parser():
                      help="evaluate on the first K val images (default: all built-in / 500 COCO)")
     run.add_argument("--eval-min-confidence", type=float, default=0.05, metavar="S",
                      help="DETECTION_MIN_CONFIDENCE for the COCO evaluation (default: %(default)s, "
-                          "as Detectron evaluates; coco.py evaluate keeps all detections, 0.0)")
+                          "as Detectron evaluates, and as coco.py evaluate does by default)")
     run.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss rows")
     run.add_argument("--builtin-dir", default=DEFAULT_BUILTIN_DIR, metavar="DIR",
                      help="cache folder of the built-in data (default: %(default)s)")
     run.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["images"], metavar="N",
-                     help="built-in data: N train and N/4 val images, as coco.py (default: %(default)s)")
+                     help="built-in data: N train and min(100, N/4) val images, as coco.py (default: %(default)s)")
     run.add_argument("--set", type=_config_override, action="append", default=[], metavar="KEY=VALUE",
                      dest="overrides", help="config override for all arms, e.g. IMAGES_PER_GPU=2")
     run.add_argument("--no-augment", action="store_true", help="no random horizontal flips")
