@@ -15,7 +15,7 @@ mask head on the real detections only. The output layers (logits, deltas)
 compute in float32 under mixed precision.
 """
 
-from keras import layers, ops
+from keras import initializers, layers, ops
 
 from mrcnn.backbone import BatchNorm
 from mrcnn.layers import PyramidROIAlign
@@ -81,8 +81,14 @@ class BoxHead:
         self.bn1 = BatchNorm(train_bn, name="mrcnn_class_bn1")
         self.conv2 = layers.Conv2D(fc_layers_size, 1, name="mrcnn_class_conv2")
         self.bn2 = BatchNorm(train_bn, name="mrcnn_class_bn2")
-        self.logits = layers.Dense(num_classes, name="mrcnn_class_logits", dtype="float32")
-        self.bbox = layers.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc", dtype="float32")
+        # Small initial outputs, as detectron2 initializes its box predictor
+        # (std 0.01 for the class logits, 0.001 for the deltas): a randomly
+        # initialized head then scores every class about equally instead of
+        # near 1.0 for some class, and starts with a sane class loss.
+        self.logits = layers.Dense(num_classes, name="mrcnn_class_logits", dtype="float32",
+                                   kernel_initializer=initializers.RandomNormal(stddev=0.01))
+        self.bbox = layers.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc", dtype="float32",
+                                 kernel_initializer=initializers.RandomNormal(stddev=0.001))
 
     def __call__(self, rois, feature_maps):
         batch = rois.shape[0]

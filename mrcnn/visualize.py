@@ -1,7 +1,7 @@
 """Drawing: instances on images, edge maps of the Edge Agreement Head, loss curves.
 
 matterport-compatible (`random_colors`, `apply_mask`, `display_instances`,
-`display_images`, `draw_boxes`) plus `display_edge_maps` (paper Figures 1-3) and
+`display_differences`, `display_images`, `draw_boxes`) plus `display_edge_maps` (paper Figures 1-3) and
 `plot_loss_curves` (paper Figure 4).
 
 Every function returns its matplotlib ``Figure``; ``save_path`` writes it (PNG
@@ -22,6 +22,8 @@ from matplotlib import patches
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from skimage.measure import find_contours
+
+from mrcnn.metrics import compute_matches
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,54 @@ def display_instances(image, boxes, masks, class_ids, class_names, scores=None, 
             ax.add_patch(patches.Polygon(verts, facecolor="none", edgecolor=color))
     ax.imshow(masked_image.astype(np.uint8))
     return _finish(fig, save_path, show)
+
+
+def display_differences(image, gt_box, gt_class_id, gt_mask, pred_box, pred_class_id, pred_score,
+                        pred_mask, class_names, title="", ax=None, show_mask=True, show_box=True,
+                        iou_threshold=0.5, score_threshold=0.5, figsize=(8, 8), save_path=None,
+                        show=False):
+    """Ground truth (green) and detections (red) on one image, matterport's figure.
+
+    gt_box: [N, (y1, x1, y2, x2)] pixels, gt_class_id: [N], gt_mask: [H, W, N];
+    pred_*: the same for the M detections, pred_score: [M]. Detections below
+    ``score_threshold`` are left out. A detection's caption is "score / IoU":
+    the mask IoU with the ground truth it matches (``metrics.compute_matches``
+    at ``iou_threshold``, same class), or with the most overlapping one when it
+    matches none. Unlike matterport's, the captions belong to the right
+    detections (matterport sorted the scores but not the boxes). The title
+    ends with the number of ground-truth instances found.
+    """
+    pred_score = np.asarray(pred_score, np.float64).reshape(-1)
+    keep = np.flatnonzero(pred_score >= score_threshold)
+    order = keep[np.argsort(-pred_score[keep], kind="stable")]
+    pred_box = np.asarray(pred_box).reshape(-1, 4)[order]
+    pred_class_id = np.asarray(pred_class_id).reshape(-1)[order]
+    pred_score = pred_score[order]
+    pred_mask = np.asarray(pred_mask)[..., order]
+    gt_box, gt_class_id = np.asarray(gt_box).reshape(-1, 4), np.asarray(gt_class_id).reshape(-1)
+    gt_mask = np.asarray(gt_mask)
+    gt_match, pred_match, overlaps = compute_matches(
+        gt_box, gt_class_id, gt_mask, pred_box, pred_class_id, pred_score, pred_mask,
+        iou_threshold=iou_threshold)
+    if len(gt_match) != len(gt_box) or len(pred_match) != len(pred_box):
+        raise ValueError("display_differences: all-zero (padding) boxes are not drawn; drop them first")
+    captions = [""] * len(gt_box) + [
+        f"{pred_score[i]:.2f} / "
+        f"{(overlaps[i, int(pred_match[i])] if pred_match[i] > -1 else overlaps[i].max(initial=0.0)):.2f}"
+        for i in range(len(pred_box))]
+    found = int(np.sum(gt_match > -1))
+    summary = (f"{found} of {len(gt_box)} objects found (mask IoU >= {iou_threshold:g})\n"
+               f"GT green, detections >= {score_threshold:g} red: score / IoU")
+    title = f"{title}: {summary}" if title else summary
+    height, width = np.asarray(image).shape[:2]
+    return display_instances(
+        image, np.concatenate([gt_box, pred_box]).astype(np.float64),
+        np.concatenate([gt_mask.reshape(height, width, -1), pred_mask.reshape(height, width, -1)], axis=-1),
+        np.concatenate([gt_class_id, pred_class_id]).astype(int), class_names,
+        np.concatenate([np.zeros(len(gt_box)), pred_score]), title=title, figsize=figsize, ax=ax,
+        show_mask=show_mask, show_bbox=show_box,
+        colors=[(0, 1, 0)] * len(gt_box) + [(1, 0, 0)] * len(pred_box),
+        captions=captions, save_path=save_path, show=show)
 
 
 def display_images(images, titles=None, cols=4, cmap=None, norm=None, interpolation=None,

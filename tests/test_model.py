@@ -215,6 +215,26 @@ def test_training_losses_finite_and_falling(short_run):
     assert glob.glob(os.path.join(m.log_dir, "events.out.tfevents.*")), "TensorBoard events"
 
 
+def test_a_new_box_head_scores_classes_about_equally(tmp_path):
+    """The class logits and deltas start small (detectron2's init), so a new
+    model's class loss is near log(NUM_CLASSES) and no class scores near 1."""
+    import keras
+    import tensorflow as tf
+    from mrcnn.data import build_batch
+    from mrcnn.training import compute_losses
+    config = TinyConfig().derive(NUM_CLASSES=1 + len(synthetic.CLASS_NAMES))
+    keras.utils.set_random_seed(0)
+    m = modellib.MaskRCNN("training", config, str(tmp_path))
+    ds = make_dataset(config.BATCH_SIZE, seed=1)
+    batch = {k: tf.constant(v) for k, v in build_batch(ds, config, ds.image_ids, seed=0).items()}
+    outputs = m.keras_model(batch, training=False)
+    probs = tf.nn.softmax(outputs["mrcnn_class_logits"]).numpy()
+    assert probs.max() < 0.5, probs.max()
+    loss = float(compute_losses(batch, outputs, config)["mrcnn_class_loss"])
+    assert loss < 1.5 * math.log(config.NUM_CLASSES), loss
+    assert np.abs(outputs["mrcnn_bbox"].numpy()).max() < 0.5
+
+
 def test_heads_training_freezes_backbone(tmp_path):
     class C(ShapesTiny):
         STEPS_PER_EPOCH = 3

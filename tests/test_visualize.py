@@ -137,3 +137,23 @@ def test_plot_loss_curves_smoothing():
     histories = {"a": {"loss": [(0, 1.0), (1, 0.0), (2, 0.0)]}}
     fig = visualize.plot_loss_curves(histories, smooth=0.5)
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [1.0, 0.5, 0.25])
+
+
+def test_display_differences_counts_the_objects_found_and_captions_the_right_detections(tmp_path):
+    image, boxes, masks, class_ids, names = scene()
+    # Detections in ascending score order: the low one matches GT 0, the high one
+    # is a false positive away from both; a third is below the score threshold.
+    fp_mask = np.zeros_like(masks[:, :, :1])
+    fp_mask[2:8, 2:8] = 1
+    pred_masks = np.concatenate([masks[:, :, :1], fp_mask, masks[:, :, 1:]], axis=-1)
+    pred_boxes = np.array([boxes[0], [2, 2, 8, 8], boxes[1]])
+    path = tmp_path / "differences.png"
+    fig = visualize.display_differences(image, boxes, class_ids, masks, pred_boxes,
+                                        np.array([class_ids[0], 1, class_ids[1]]),
+                                        np.array([0.6, 0.9, 0.2]), pred_masks, names,
+                                        title="image 7", save_path=path)
+    check_png(path, fig)
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("image 7: 1 of 2 objects found")
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["", "", "0.90 / 0.00", "0.60 / 1.00"]

@@ -333,7 +333,7 @@ def train(args):
 
 
 def evaluate(args):
-    from mrcnn import evaluation, metrics, model as modellib, visualize
+    from mrcnn import evaluation, metrics, model as modellib, utils, visualize
     root = dataset_root(args)
     limit = args.limit or (None if args.dataset is None else 500)
     log.info("dataset: %s; evaluating on %s val images", describe_dataset(args, root),
@@ -364,12 +364,14 @@ def evaluate(args):
         if ap is not None:
             aps.append(ap)
         if image_id in image_ids[:args.figures]:
-            shown = r["scores"] >= FIGURE_MIN_SCORE
-            visualize.display_instances(image, r["rois"][shown], r["masks"][:, :, shown], r["class_ids"][shown],
-                                        dataset.class_names, r["scores"][shown],
-                                        title=f"image {dataset.image_info[image_id]['id']} "
-                                              f"(scores >= {FIGURE_MIN_SCORE})",
-                                        figsize=(6, 6), save_path=f"{stem}_image{image_ids.index(image_id)}.png")
+            gt_masks, gt_class_ids = dataset.load_mask(image_id)
+            crowd = gt_class_ids <= 0
+            gt_masks, gt_class_ids = gt_masks[:, :, ~crowd], gt_class_ids[~crowd]
+            visualize.display_differences(
+                image, utils.extract_bboxes(gt_masks), gt_class_ids, gt_masks, r["rois"], r["class_ids"],
+                r["scores"], r["masks"], dataset.class_names, score_threshold=FIGURE_MIN_SCORE,
+                title=f"image {dataset.image_info[image_id]['id']}", figsize=(7, 7),
+                save_path=f"{stem}_image{image_ids.index(image_id)}.png")
 
     results, seconds = evaluation.detect_dataset(model, dataset, image_ids, on_image=score_and_draw)
     coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
