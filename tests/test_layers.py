@@ -398,6 +398,27 @@ def _pool(boxes, fmaps, pool, mode, method, image=RA_IMAGE):
     return layer([tf.constant(boxes)] + [tf.constant(f) for f in fmaps]).numpy()
 
 
+def _pool_both_methods_like_reference(boxes, fmaps, pool, mode, ref, levels):
+    """Pools with both RoIAlign methods; each real (non-padding) box must match
+    the NumPy reference, every output (padding too) be finite, and the two
+    methods agree. Returns {method: output}."""
+    B, R = boxes.shape[:2]
+    valid = boxes.any(-1)
+    outs = {}
+    for method in ("crop_and_resize", "gather"):
+        out = _pool(boxes, fmaps, pool, mode, method)
+        assert out.shape == (B, R) + pool + (3,)
+        assert np.isfinite(out).all(), "padding boxes must give finite values"
+        for b in range(B):
+            for r in range(R):
+                if valid[b, r]:
+                    np.testing.assert_allclose(out[b, r], ref[b, r], atol=1e-4,
+                                               err_msg=f"{method}: image {b} roi {r} level {levels[b, r]}")
+        outs[method] = out
+    np.testing.assert_allclose(outs["gather"], outs["crop_and_resize"], atol=1e-4)
+    return outs
+
+
 def test_pyramid_roi_align_aligned_matches_roialignv2_reference():
     pool = (5, 4)
     boxes, fmaps = _ra_inputs()
@@ -408,18 +429,7 @@ def test_pyramid_roi_align_aligned_matches_roialignv2_reference():
     sizes = np.array([[np.subtract(np_continuous(b, RA_IMAGE)[2:], np_continuous(b, RA_IMAGE)[:2])
                        for b in img] for img in boxes])
     assert ((sizes.max(-1) < 16) & valid).sum() >= 4, "sub-pixel boxes (smaller than a P2 cell)"
-    outs = {}
-    for method in ("crop_and_resize", "gather"):
-        out = _pool(boxes, fmaps, pool, "aligned", method)
-        assert out.shape == (B, R) + pool + (3,)
-        assert np.isfinite(out).all(), "padding boxes must give finite values"
-        for b in range(B):
-            for r in range(R):
-                if valid[b, r]:
-                    np.testing.assert_allclose(out[b, r], ref[b, r], atol=1e-4,
-                                               err_msg=f"{method}: image {b} roi {r} level {levels[b, r]}")
-        outs[method] = out
-    np.testing.assert_allclose(outs["gather"], outs["crop_and_resize"], atol=1e-4)
+    outs = _pool_both_methods_like_reference(boxes, fmaps, pool, "aligned", ref, levels)
     # Default mode and method: aligned, crop_and_resize.
     default = layers.PyramidROIAlign(pool, RA_IMAGE)([tf.constant(boxes)] + [tf.constant(f) for f in fmaps])
     np.testing.assert_allclose(default.numpy(), outs["crop_and_resize"], atol=1e-6)
@@ -463,21 +473,10 @@ def test_pyramid_roi_align_clips_boxes_to_the_image(mode):
 def test_pyramid_roi_align_matterport_matches_crop_and_resize_reference():
     pool = (5, 4)
     boxes, fmaps = _ra_inputs(seed=1)
-    B, R = boxes.shape[:2]
     ref, levels, _ = np_pyramid_roi_align(boxes, fmaps, RA_IMAGE, pool, "matterport")
     valid = boxes.any(-1)
     assert set(levels[valid].tolist()) == {2, 3, 4, 5}
-    outs = {}
-    for method in ("crop_and_resize", "gather"):
-        out = _pool(boxes, fmaps, pool, "matterport", method)
-        assert out.shape == (B, R) + pool + (3,) and np.isfinite(out).all()
-        for b in range(B):
-            for r in range(R):
-                if valid[b, r]:
-                    np.testing.assert_allclose(out[b, r], ref[b, r], atol=1e-4,
-                                               err_msg=f"{method}: image {b} roi {r}")
-        outs[method] = out
-    np.testing.assert_allclose(outs["gather"], outs["crop_and_resize"], atol=1e-4)
+    outs = _pool_both_methods_like_reference(boxes, fmaps, pool, "matterport", ref, levels)
     # Padding (all-zero) boxes go to P2 and sample its top-left cell.
     np.testing.assert_allclose(outs["gather"][0, -1], np.broadcast_to(fmaps[0][0, 0, 0], pool + (3,)),
                                atol=1e-6)

@@ -5,7 +5,6 @@ Everything uses 64x64 images (tests/tiny.py). The expensive parts (the overfit
 run, the short training run) are module-scoped fixtures shared by several tests.
 """
 
-import csv
 import glob
 import math
 import os
@@ -21,7 +20,7 @@ from mrcnn import synthetic, utils
 from mrcnn.checkpoints import layers_with_weights
 from mrcnn.data import mold_inputs
 
-from tiny import TinyConfig, make_dataset
+from tiny import TinyConfig, make_dataset, read_rows
 
 LOSSES = ["rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss"]
 
@@ -39,11 +38,6 @@ class OverfitConfig(ShapesTiny):
     STEPS_PER_EPOCH = 50
     VALIDATION_STEPS = 0
     DETECTION_MIN_CONFIDENCE = 0.5
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def weights_by_layer(keras_model):
@@ -192,8 +186,8 @@ def short_run(tmp_path_factory):
 
 def test_training_losses_finite_and_falling(short_run):
     m, logs = short_run
-    history = read_csv(os.path.join(m.log_dir, "history.csv"))
-    steps = read_csv(os.path.join(m.log_dir, "steps.csv"))
+    history = read_rows(os.path.join(m.log_dir, "history.csv"))
+    steps = read_rows(os.path.join(m.log_dir, "steps.csv"))
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     for row in history + steps:
         for name in LOSSES + ["loss"]:
@@ -301,7 +295,7 @@ def test_overfit_reaches_map_08(overfit, record_property):
     record_property("overfit_map50", round(overfit["ap"], 4))
     record_property("overfit_epochs", overfit["epochs"])
     assert overfit["ap"] >= 0.8
-    history = read_csv(os.path.join(overfit["train_model"].log_dir, "history.csv"))
+    history = read_rows(os.path.join(overfit["train_model"].log_dir, "history.csv"))
     assert len(history) == overfit["epochs"]
     assert float(history[-1]["loss"]) < 0.5 * float(history[0]["loss"])
 
@@ -351,7 +345,7 @@ def test_resume_continues_epoch_numbering(overfit):
     assert os.path.exists(new)
     assert m.epoch == epoch + 1
     assert m.find_last() == new
-    history = read_csv(os.path.join(m.log_dir, "history.csv"))
+    history = read_rows(os.path.join(m.log_dir, "history.csv"))
     assert int(history[-1]["epoch"]) == epoch + 1
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp-" in f]
     # Nothing left to do when the target epoch is already reached.

@@ -1,6 +1,5 @@
 """The learning-rate schedule, resumed schedules, and steps whose loss is not finite."""
 
-import csv
 import math
 import os
 
@@ -12,7 +11,7 @@ from mrcnn.data import build_batch
 from mrcnn.logs import trim as trim_logs
 from mrcnn.training import NonFiniteLossError, Trainer, learning_rate_at, set_trainable
 
-from tiny import TinyConfig, make_dataset
+from tiny import TinyConfig, make_dataset, read_rows
 
 
 class C(TinyConfig):
@@ -20,11 +19,6 @@ class C(TinyConfig):
     NUM_CLASSES = 1 + len(synthetic.CLASS_NAMES)
     STEPS_PER_EPOCH = 3
     VALIDATION_STEPS = 0
-
-
-def read_rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def lr_by_step(log_dir):

@@ -1,5 +1,7 @@
 """Tiny configs and data shared by the tests (CPU-sized: 64x64 images)."""
 
+import csv
+
 import numpy as np
 
 from mrcnn.config import Config
@@ -55,3 +57,9 @@ def uncompressed_rle(mask):
             current, run = v, 1
     counts.append(run)
     return {"size": list(np.asarray(mask).shape), "counts": counts}
+
+
+def read_rows(path):
+    """The rows of a history.csv / steps.csv as dicts of strings."""
+    with open(path) as f:
+        return list(csv.DictReader(f))
