@@ -37,13 +37,12 @@ def test_jit_compiled_training_step_runs_with_finite_losses(tmp_path):
     assert values[-1]["mrcnn_mask_edge_loss"] > 0
 
 
-def test_jit_compiled_detect_matches_the_dynamic_path(tmp_path):
+def test_jit_compiled_detect_matches_the_dynamic_path(overfit, tmp_path):
     """detect() under XLA (static graph, padded NMS, gather sampling) gives the
     detections of the default path (mask head on the real detections only)."""
-    base = C().derive(IMAGES_PER_GPU=1, DETECTION_MIN_CONFIDENCE=0.0)
-    trained, _ = train_steps(C(), tmp_path, 3)
-    ds = make_dataset(3, seed=2, split="val")
-    images = [ds.load_image(i) for i in ds.image_ids]
+    trained, ds = overfit["infer_model"], overfit["dataset"]       # confident, real detections
+    base = overfit["config"].derive(IMAGES_PER_GPU=1, DETECTION_MIN_CONFIDENCE=0.0)
+    images = [ds.load_image(i) for i in ds.image_ids[:3]]
     results = {}
     for jit in (False, True):
         m = modellib.MaskRCNN("inference", base.derive(JIT_COMPILE=jit), str(tmp_path))
@@ -77,4 +76,4 @@ def test_mixed_precision_trains_with_finite_falling_losses(policy, tmp_path):
     for v in applied:
         assert np.isfinite(v["loss"]) and np.isfinite(v["grad_norm"]), v
     losses = [v["loss"] for v in applied]
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses

@@ -10,7 +10,7 @@ import keras
 from mrcnn import model as modellib
 from mrcnn.data import build_batch
 from mrcnn.synthetic import CLASS_NAMES
-from mrcnn.training import EDGE_LOSS_NAME, Trainer, compute_losses, set_trainable
+from mrcnn.training import EDGE_LOSS_NAME, Trainer, compute_losses
 from tiny import TinyConfig, make_dataset
 
 

@@ -2,34 +2,29 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from mrcnn import model as modellib, synthetic
+from mrcnn import model as modellib
 
-from tiny import TinyConfig, make_dataset
-
-
-class C(TinyConfig):
-    NAME = "export"
-    NUM_CLASSES = 1 + len(synthetic.CLASS_NAMES)
-    STEPS_PER_EPOCH = 20
-    VALIDATION_STEPS = 0
-    DETECTION_MIN_CONFIDENCE = 0.2
+from tiny import make_dataset
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("export"))
-    m = modellib.MaskRCNN("training", C(), model_dir)
-    m.train(make_dataset(8, seed=4), None, 0.01, epochs=1, layers="all", seed=0)
-    inference = modellib.MaskRCNN("inference", C().derive(IMAGES_PER_GPU=2), model_dir)
-    inference.load_weights(m.find_last())
+def trained(overfit):
+    """The shared overfit model (confident detections), for two images per call."""
+    inference = modellib.MaskRCNN("inference", overfit["config"].derive(IMAGES_PER_GPU=2),
+                                  overfit["model_dir"])
+    inference.load_weights(overfit["train_model"].find_last())
     return inference
 
 
-def test_saved_model_runs_without_the_library_and_matches_detect(trained, tmp_path):
+@pytest.fixture(scope="module")
+def dataset(overfit):
+    return overfit["dataset"]
+
+
+def test_saved_model_runs_without_the_library_and_matches_detect(trained, dataset, tmp_path):
     path = trained.export(str(tmp_path / "served"))
-    ds = make_dataset(3, seed=9, split="val")
+    ds = dataset
     # One image of the config's size, one to scale up and pad, one to scale down.
     images = [ds.load_image(0), ds.load_image(1)[:40, :56], np.tile(ds.load_image(2), (2, 3, 1))]
     code = (

@@ -8,7 +8,6 @@ run, the short training run) are module-scoped fixtures shared by several tests.
 import glob
 import math
 import os
-import time
 
 import h5py
 import numpy as np
@@ -20,46 +19,14 @@ from mrcnn import synthetic, utils
 from mrcnn.checkpoints import layers_with_weights
 from mrcnn.data import mold_inputs
 
-from tiny import TinyConfig, make_dataset, read_rows
+from tiny import OverfitConfig, ShapesTiny, TinyConfig, make_dataset, read_rows
 
 LOSSES = ["rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss"]
-
-
-class ShapesTiny(TinyConfig):
-    """TinyConfig with the synthetic dataset's classes."""
-    NAME = "shapes_tiny"
-    NUM_CLASSES = 1 + len(synthetic.CLASS_NAMES)
-
-
-class OverfitConfig(ShapesTiny):
-    NAME = "overfit"
-    IMAGES_PER_GPU = 2
-    LEARNING_RATE = 0.02
-    STEPS_PER_EPOCH = 50
-    VALIDATION_STEPS = 0
-    DETECTION_MIN_CONFIDENCE = 0.5
 
 
 def weights_by_layer(keras_model):
     return {name: [np.array(w.numpy()) for w in layer.weights]
             for name, layer in layers_with_weights(keras_model).items()}
-
-
-def dataset_gt(dataset, image_id):
-    masks, class_ids = dataset.load_mask(image_id)
-    return utils.extract_bboxes(masks), class_ids, masks
-
-
-def mean_ap(model, dataset, iou=0.5):
-    ids = list(dataset.image_ids)
-    results = model.detect([dataset.load_image(i) for i in ids])
-    aps = []
-    for i, r in zip(ids, results):
-        boxes, class_ids, masks = dataset_gt(dataset, i)
-        ap, *_ = utils.compute_ap(boxes, class_ids, masks, r["rois"], r["class_ids"], r["scores"], r["masks"],
-                                  iou_threshold=iou)
-        aps.append(ap)
-    return float(np.mean(aps)), results
 
 
 def check_result(r, image_shape, num_classes):
@@ -265,30 +232,6 @@ def test_train_rejects_dataset_with_other_number_of_classes(tmp_path):
 # ---------------------------------------------------------------------------
 # Overfit: the whole pipeline learns
 # ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    c = OverfitConfig()
-    ds = make_dataset(4, seed=3)
-    model_dir = str(tmp_path_factory.mktemp("overfit"))
-    train_model = modellib.MaskRCNN("training", c, model_dir)
-    infer_model = modellib.MaskRCNN("inference", c, model_dir)
-    epochs, ap, history = 0, 0.0, []
-    t0 = time.perf_counter()
-    while epochs < 40:
-        epochs += 4
-        train_model.train(ds, None, c.LEARNING_RATE, epochs=epochs, layers="all", seed=1)
-        infer_model.load_weights(train_model.find_last())
-        ap, _ = mean_ap(infer_model, ds)
-        history.append((epochs, ap))
-        if ap >= 0.8:
-            break
-    seconds = time.perf_counter() - t0
-    print(f"\noverfit: mAP@0.5 = {ap:.3f} on 4 images after {epochs} epochs "
-          f"({epochs * c.STEPS_PER_EPOCH} steps, {seconds:.0f} s); rounds: {history}")
-    return {"config": c, "dataset": ds, "train_model": train_model, "infer_model": infer_model,
-            "epochs": epochs, "ap": ap, "model_dir": model_dir}
-
 
 def test_overfit_reaches_map_08(overfit, record_property):
     print(f"overfit mAP@0.5 = {overfit['ap']:.3f} after {overfit['epochs']} epochs")

@@ -168,8 +168,8 @@ def test_coco_folder_with_missing_and_empty_files_reports_all_up_front(tmp_path)
 
 
 def test_a_truncated_image_found_in_training_names_the_coco_id(tmp_path):
-    paths = write_coco_dataset(str(tmp_path), subset="train", count=4, height=64, width=64, seed=2,
-                               progress=False)
+    write_coco_dataset(str(tmp_path), subset="train", count=4, height=64, width=64, seed=2,
+                       progress=False)
     ds = CocoDataset()
     ds.load_coco(str(tmp_path), "train")
     ds.prepare()

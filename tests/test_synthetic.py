@@ -10,7 +10,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from mrcnn import synthetic
 from mrcnn.synthetic import (CLASS_NAMES, COCO_CATEGORY_IDS, MIN_AREA, SyntheticShapesDataset,
                              generate_image, render_image)
 from mrcnn.synthetic_coco import ensure_coco_dataset, mask_to_polygons, mask_to_rle, write_coco_dataset

@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 
+from mrcnn import synthetic, utils
 from mrcnn.config import Config
 
 
@@ -63,3 +64,35 @@ def read_rows(path):
     """The rows of a history.csv / steps.csv as dicts of strings."""
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+class ShapesTiny(TinyConfig):
+    """TinyConfig with the synthetic dataset's classes."""
+    NAME = "shapes_tiny"
+    NUM_CLASSES = 1 + len(synthetic.CLASS_NAMES)
+
+
+class OverfitConfig(ShapesTiny):
+    NAME = "overfit"
+    IMAGES_PER_GPU = 2
+    LEARNING_RATE = 0.02
+    STEPS_PER_EPOCH = 50
+    VALIDATION_STEPS = 0
+    DETECTION_MIN_CONFIDENCE = 0.5
+
+
+def dataset_gt(dataset, image_id):
+    masks, class_ids = dataset.load_mask(image_id)
+    return utils.extract_bboxes(masks), class_ids, masks
+
+
+def mean_ap(model, dataset, iou=0.5):
+    ids = list(dataset.image_ids)
+    results = model.detect([dataset.load_image(i) for i in ids])
+    aps = []
+    for i, r in zip(ids, results):
+        boxes, class_ids, masks = dataset_gt(dataset, i)
+        ap, *_ = utils.compute_ap(boxes, class_ids, masks, r["rois"], r["class_ids"], r["scores"], r["masks"],
+                                  iou_threshold=iou)
+        aps.append(ap)
+    return float(np.mean(aps)), results
