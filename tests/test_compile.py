@@ -19,13 +19,19 @@ class C(TinyConfig):
     EDGE_LOSS_FILTERS = ["sobel"]
 
 
-def train_steps(config, tmp_path, steps, seed=0):
+def make_trainer(config, tmp_path, seed=0):
+    """A training model, its trainer and 4 batches of 2 tiny images."""
     keras.utils.set_random_seed(seed)
     m = modellib.MaskRCNN("training", config, str(tmp_path))
     set_trainable(m.keras_model, "all")
     trainer = Trainer(m, config.LEARNING_RATE, seed=seed)
     ds = make_dataset(8, seed=1)
     batches = [build_batch(ds, config, ds.image_ids[i:i + 2], seed=i) for i in range(0, 8, 2)]
+    return m, trainer, batches
+
+
+def train_steps(config, tmp_path, steps, seed=0):
+    m, trainer, batches = make_trainer(config, tmp_path, seed)
     return m, [trainer.train_step(batches[i % 4]) for i in range(steps)]
 
 
@@ -65,7 +71,14 @@ def test_mixed_precision_trains_with_finite_falling_losses(policy, tmp_path):
     class Mixed(C):
         MIXED_PRECISION = policy
         LEARNING_RATE = 0.02
-    m, values = train_steps(Mixed(), tmp_path, 30)
+    m, trainer, batches = make_trainer(Mixed(), tmp_path)
+
+    def loss_on_all_batches():            # forward only: no update, BatchNorm untouched
+        return np.mean([trainer.evaluate_step(b)["loss"] for b in batches])
+
+    before = loss_on_all_batches()
+    values = [trainer.train_step(batches[i % 4]) for i in range(30)]
+    after = loss_on_all_batches()
     km = m.keras_model
     assert km.get_layer("res2a_branch2a").compute_dtype == policy.split("_")[1]
     assert all(w.dtype == "float32" for w in km.weights), "variables stay float32"
@@ -75,5 +88,6 @@ def test_mixed_precision_trains_with_finite_falling_losses(policy, tmp_path):
     assert len(applied) >= 20, "most float16 steps must be applied (loss scaling)"
     for v in applied:
         assert np.isfinite(v["loss"]) and np.isfinite(v["grad_norm"]), v
-    losses = [v["loss"] for v in applied]
-    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+    # The same four batches before and after 30 steps (single training steps
+    # are too noisy to compare at batch size 2).
+    assert np.isfinite(before) and after < 0.8 * before, (before, after)
