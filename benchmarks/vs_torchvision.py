@@ -43,8 +43,8 @@ timed in the same blocks, and get one column each in the table, with a ratio
 column (this side / torchvision) each.
 
 How it runs: this script runs in the project's venv and never imports torch.
-The torchvision side is this same file, started as a child process with the
-interpreter of a separate venv (``--torch-python``); the two talk over a pipe,
+The torchvision side is ``torchvision_worker.py``, started as a child process
+with the interpreter of a separate venv (``--torch-python``); the two talk over a pipe,
 one JSON line per command. The parent runs timed blocks, in each of which every
 side in turn does its training steps, then its inference images of both
 regimes. The order of the sides rotates every other block and is reversed
@@ -89,6 +89,7 @@ import tempfile
 import time
 
 ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_worker.py")
 DEFAULT_TORCH_PYTHON = os.path.join(ROOT_DIR, ".venv-torchvision", "bin", "python")
 INSTALL_HINT = (
     "To compare with torchvision, install torch and torchvision in their own venv\n"
@@ -159,133 +160,6 @@ def progress(msg):
 
 
 # ===========================================================================
-# torchvision side (child process: imports only numpy, torch, torchvision)
-# ===========================================================================
-
-def torch_worker(npz_path, size):
-    # The protocol owns the real stdout; anything else printing goes to stderr.
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    import traceback
-    import numpy as np
-    import torch
-    import torchvision
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
-    def reply(obj):
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
-
-    data = np.load(npz_path)
-    tv = json.loads(str(data["tv_config"]))
-    threads = int(data["torch_threads"])
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    images = data["images"]                       # uint8 [N, H, W, 3]
-    n_images = len(images)
-
-    def to_tensor(image):
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.)
-
-    def target(i):
-        masks = data[f"masks_{i}"]                # bool [H, W, N]
-        class_ids = data[f"class_ids_{i}"]
-        boxes, keep = [], []
-        for j in range(masks.shape[-1]):
-            ys, xs = np.nonzero(masks[..., j])
-            if len(ys) == 0:
-                continue
-            keep.append(j)
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])   # x1, y1, x2, y2
-        return {"boxes": torch.tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
-                "labels": torch.tensor(class_ids[keep], dtype=torch.int64),
-                "masks": torch.from_numpy(np.ascontiguousarray(
-                    masks[..., keep].transpose(2, 0, 1).astype(np.uint8)))}
-
-    bs = tv["optim"]["batch"]
-    n_batches = n_images // bs
-    batches = [([to_tensor(images[b * bs + k]) for k in range(bs)],
-                [target(b * bs + k) for k in range(bs)]) for b in range(n_batches)]
-
-    model = maskrcnn_resnet50_fpn(**tv["model"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=tv["optim"]["lr"], momentum=tv["optim"]["momentum"],
-                                weight_decay=tv["optim"]["weight_decay"])
-    clip = tv["optim"]["clip"]
-    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    frozen_bn = sum(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())
-    state = {"step": 0, "image": 0}
-
-    def train(steps):
-        model.train()
-        seconds, losses = [], []
-        for _ in range(steps):
-            imgs, targets = batches[state["step"] % n_batches]
-            state["step"] += 1
-            t0 = time.perf_counter()
-            loss_dict = model(imgs, targets)
-            loss = sum(loss_dict.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            value = loss.item()
-            seconds.append(time.perf_counter() - t0)
-            losses.append(value)
-        return {"seconds": seconds, "losses": losses}
-
-    def infer(count, score_thresh=None):
-        """`count` one-image detections; `score_thresh` overrides the box score
-        threshold for these calls only (restored afterwards)."""
-        model.eval()
-        seconds, detections = [], []
-        saved = model.roi_heads.score_thresh
-        if score_thresh is not None:
-            model.roi_heads.score_thresh = float(score_thresh)
-        try:
-            with torch.no_grad():
-                for _ in range(count):
-                    image = images[state["image"] % n_images]
-                    state["image"] += 1
-                    t0 = time.perf_counter()
-                    out = model([to_tensor(image)])[0]
-                    result = {k: v.numpy() for k, v in out.items()}
-                    seconds.append(time.perf_counter() - t0)
-                    detections.append(int(len(result["scores"])))
-        finally:
-            model.roi_heads.score_thresh = saved
-        return {"seconds": seconds, "detections": detections,
-                "score_thresh": float(model.roi_heads.score_thresh if score_thresh is None
-                                      else score_thresh)}
-
-    reply({"ok": True, "ready": True, "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-           "interop_threads": torch.get_num_interop_threads(),
-           "params": int(sum(p.numel() for p in model.parameters())),
-           "trainable_params": int(sum(p.numel() for p in params)),
-           "batchnorm_layers": int(n_bn), "frozen_batchnorm_layers": int(frozen_bn)})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "quit":
-                reply({"ok": True})
-                break
-            elif cmd["cmd"] == "train":
-                reply(dict(ok=True, **train(int(cmd["steps"]))))
-            elif cmd["cmd"] == "infer":
-                reply(dict(ok=True, **infer(int(cmd["images"]), cmd.get("score_thresh"))))
-            else:
-                reply({"ok": False, "error": f"unknown command {cmd!r}"})
-        except Exception:
-            reply({"ok": False, "error": traceback.format_exc()})
-    return 0
-
-
-# ===========================================================================
 # Parent: talks to the child
 # ===========================================================================
 
@@ -302,7 +176,7 @@ class TorchChild:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen(
-            [python, os.path.abspath(__file__), "--torch-worker", npz_path, str(size)],
+            [python, WORKER_SCRIPT, npz_path, str(size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             text=True, bufsize=1, cwd=log_dir, env=env)
         self.info = self._read()
@@ -901,8 +775,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--torch-worker":
-        if len(sys.argv) != 4:
-            sys.exit("usage: vs_torchvision.py --torch-worker DATA.npz SIZE")
-        sys.exit(torch_worker(sys.argv[2], int(sys.argv[3])))
     sys.exit(main())
