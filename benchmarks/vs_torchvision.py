@@ -365,7 +365,7 @@ class OursSide:
             batch = self.batches[self.state["step"] % len(self.batches)]
             self.state["step"] += 1
             t0 = time.perf_counter()
-            out = self.trainer._train_step(batch)
+            out = self.trainer.train_step(batch)
             value = float(out["loss"])
             seconds.append(time.perf_counter() - t0)
             losses.append(value)

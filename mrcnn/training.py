@@ -314,8 +314,6 @@ class Trainer:
         values["loss"] = float(total_loss(values, self.config))
         return values
 
-    _train_step = train_step   # the name the benchmarks used
-
     @contextlib.contextmanager
     def _watch(self, what):
         """Several workers: a dead peer gives a WorkerFailedError (or, if the
