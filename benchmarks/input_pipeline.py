@@ -78,14 +78,11 @@ def evaluation_speed(dataset, config, batch, limit, weights):
     model gets the weights of the ``weights`` model, so that every batch size
     detects the same."""
     from mrcnn import evaluation, model as modellib
-    from mrcnn.checkpoints import layers_with_weights
+    from mrcnn.checkpoints import copy_weights
     m = modellib.MaskRCNN("inference", config.derive(IMAGES_PER_GPU=batch, **evaluation.COCO_DETECTION),
                           os.path.join(ROOT_DIR, "logs", "bench"))
     if weights is not None:
-        source = layers_with_weights(weights.keras_model)
-        for name, layer in layers_with_weights(m.keras_model).items():
-            for w, v in zip(layer.weights, source[name].weights):
-                w.assign(v)
+        copy_weights(weights.keras_model, m.keras_model)
     ids = list(dataset.image_ids[:limit])
     evaluation.detect_dataset(m, dataset, ids[:batch], progress=False)       # compile
     t0 = time.perf_counter()

@@ -39,6 +39,16 @@ def layers_with_weights(keras_model):
     return out
 
 
+def copy_weights(source_model, target_model):
+    """Assign ``source_model``'s weights to ``target_model`` in memory, layer by
+    layer (by name): a training model's weights to an inference model of the
+    same config, or to one rebuilt for another batch size."""
+    source = layers_with_weights(source_model)
+    for name, layer in layers_with_weights(target_model).items():
+        for target, value in zip(layer.weights, source[name].weights):
+            target.assign(value)
+
+
 def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra=None):
     """Atomically write weights (+ optimizer slots) of ``keras_model`` to ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -67,11 +77,8 @@ def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra
 
 def read_epoch(path):
     """Epoch stored in one of our checkpoints, or None."""
-    try:
-        with h5py.File(path, "r") as f:
-            return int(f.attrs["epoch"]) if f.attrs.get("format") == FORMAT else None
-    except OSError as e:
-        raise OSError(f"{path}: cannot read the checkpoint ({e})") from e
+    with _open(path) as f:
+        return int(f.attrs["epoch"]) if f.attrs.get("format") == FORMAT else None
 
 
 def _read_ours(f):
@@ -114,12 +121,14 @@ def read_weights(path):
 
 
 def is_readable_checkpoint(path):
-    """True when ``path`` is one of our checkpoints and every weight array reads."""
+    """True when ``path`` is one of our checkpoints and its whole structure
+    reads (a truncated file fails when opened; the arrays themselves are read
+    once, by the load that follows)."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 return False
-            f.visititems(lambda name, item: item[()] if isinstance(item, h5py.Dataset) else None)
+            f.visit(lambda name: None)
         return True
     except (OSError, KeyError, ValueError, RuntimeError):
         return False

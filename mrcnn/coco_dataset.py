@@ -452,3 +452,13 @@ class CocoDataset(utils.Dataset):
     def annToMask(self, ann, height, width):
         """``[height, width]`` uint8 0/1 mask of an annotation."""
         return maskUtils.decode(self.annToRLE(ann, height, width))
+
+
+def load_coco_subset(root, subset, year="2017", limit=None, return_coco=False):
+    """A prepared ``CocoDataset`` of ``subset`` ("train", "val", "minival", ...)
+    of the COCO-format folder ``root``, and with ``return_coco`` also its
+    pycocotools ``COCO`` object: ``(dataset, coco)``."""
+    dataset = CocoDataset()
+    coco = dataset.load_coco(root, subset, year=year, limit=limit, return_coco=return_coco)
+    dataset.prepare()
+    return (dataset, coco) if return_coco else dataset

@@ -330,19 +330,19 @@ class Config:
         return new
 
     #: Values __init__ computes from the others.
-    DERIVED_FIELDS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
+    _DERIVED_FIELDS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
     @classmethod
     def from_dict(cls, fields):
         """A config with the fields of ``to_dict()`` (derived values recomputed)."""
-        attrs = {k: v for k, v in fields.items() if k not in cls.DERIVED_FIELDS}
+        attrs = {k: v for k, v in fields.items() if k not in cls._DERIVED_FIELDS}
         return type(str(attrs.get("NAME") or cls.__name__), (cls,), attrs)()
 
     def to_dict(self):
         """All upper-case attributes as a plain dict (NumPy arrays as lists)."""
         out = {}
         for name in sorted(dir(self)):
-            if name.isupper() and not name.startswith("_") and name != "DERIVED_FIELDS":
+            if name.isupper() and not name.startswith("_"):
                 value = getattr(self, name)
                 if callable(value):
                     continue

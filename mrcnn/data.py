@@ -228,17 +228,20 @@ class ImgaugProtocol:
 
     def __init__(self, augmenter):
         self.augmenter = augmenter
+        try:
+            import imgaug
+            self.hooks = imgaug.HooksImages(activator=lambda images, augmenter, parents, default:
+                                            augmenter.__class__.__name__ in self.MASK_AUGMENTERS)
+        except ImportError:           # an imgaug-like object without imgaug: it must be spatial only
+            self.hooks = None
 
     def __call__(self, image, masks, rng):
         det = self.augmenter.to_deterministic()
         image_shape = image.shape
         image = det.augment_image(image)
-        try:
-            import imgaug
-            hooks = imgaug.HooksImages(activator=lambda images, augmenter, parents, default:
-                                       augmenter.__class__.__name__ in self.MASK_AUGMENTERS)
-            masks = det.augment_image(masks.astype(np.uint8), hooks=hooks)
-        except ImportError:           # an imgaug-like object without imgaug: it must be spatial only
+        if self.hooks is not None:
+            masks = det.augment_image(masks.astype(np.uint8), hooks=self.hooks)
+        else:
             masks = det.augment_image(masks.astype(np.uint8))
         if image.shape[:2] != masks.shape[:2]:
             raise ValueError(f"augmentation changed the image to {image.shape} (from {image_shape}) but the "

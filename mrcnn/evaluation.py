@@ -516,11 +516,8 @@ class PeriodicEvaluation:
 
     def copy_weights(self):
         """Assign the training model's weights to the inference model, layer by layer."""
-        from mrcnn.checkpoints import layers_with_weights
-        source = layers_with_weights(self.model)
-        for name, layer in layers_with_weights(self.inference_model.keras_model).items():
-            for target, value in zip(layer.weights, source[name].weights):
-                target.assign(value)
+        from mrcnn.checkpoints import copy_weights
+        copy_weights(self.model, self.inference_model.keras_model)
 
 
 def evaluate_all(coco_gt, detections, image_ids=None, iou_types=IOU_TYPES, dilation_ratio=0.02):

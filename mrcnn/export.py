@@ -121,17 +121,14 @@ def export_saved_model(graph, config, path):
     """Write an inference ``graph`` (``mrcnn.graph.Graph``) as a SavedModel at ``path``
     (module docstring). A graph with BATCH_SIZE > 1 is rebuilt with one image
     per batch, with the same weights. Returns ``path``."""
-    from mrcnn.checkpoints import layers_with_weights
+    from mrcnn.checkpoints import copy_weights
     from mrcnn.graph import build_graph
     if graph.detector is None:
         raise ValueError("export needs an inference graph")
     if config.BATCH_SIZE != 1:       # the signature takes one image
         single = config.derive(IMAGES_PER_GPU=1, GPU_COUNT=1)
         rebuilt = build_graph("inference", single)
-        source = layers_with_weights(graph.keras_model)
-        for name, layer in layers_with_weights(rebuilt.keras_model).items():
-            for target, value in zip(layer.weights, source[name].weights):
-                target.assign(value)
+        copy_weights(graph.keras_model, rebuilt.keras_model)
         graph, config = rebuilt, single
     module = tf.Module()
     module.keras_model = graph.keras_model

@@ -234,10 +234,6 @@ def sampler_for(config):
 # Proposal layer
 # ---------------------------------------------------------------------------
 
-def _config_dict(config):
-    return {k: v for k, v in config.to_dict().items() if not callable(v)}
-
-
 def _config_object(fields):
     from mrcnn.config import Config
     return fields if isinstance(fields, Config) else Config.from_dict(fields)
@@ -569,7 +565,7 @@ class DetectionTargetLayer(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def get_config(self):
-        return {**super().get_config(), "config": _config_dict(self.config)}
+        return {**super().get_config(), "config": self.config.to_dict()}
 
     def call(self, inputs):
         proposals, gt_class_ids, gt_boxes, gt_masks = inputs
@@ -697,4 +693,4 @@ class DetectionLayer(keras.layers.Layer):
         return (input_shape[0][0], self.config.DETECTION_MAX_INSTANCES, 6)
 
     def get_config(self):
-        return {**super().get_config(), "config": _config_dict(self.config)}
+        return {**super().get_config(), "config": self.config.to_dict()}

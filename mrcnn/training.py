@@ -26,6 +26,7 @@ import keras
 from keras import ops
 
 from mrcnn import losses as L
+from mrcnn import runs
 from mrcnn.checkpoints import load_optimizer_slots, save_checkpoint
 from mrcnn.data import BatchLoader
 from mrcnn.logs import append_row, trim
@@ -376,7 +377,7 @@ class Trainer:
         return history
 
     def _run_epoch(self, epoch, epochs, batches, val_loader, writer, callbacks):
-        m, c = self.m, self.config      # the facade: read only (checkpoint names)
+        c = self.config
         print(f"Epoch {epoch + 1}/{epochs}")
         bar = keras.utils.Progbar(c.STEPS_PER_EPOCH, stateful_metrics=["grad_norm", "lr"])
         sums = {}
@@ -423,7 +424,7 @@ class Trainer:
             for k, v in logs.items():
                 tf.summary.scalar("epoch/" + k, v, step=epoch + 1)
         writer.flush()
-        path = os.path.join(self.log_dir, os.path.basename(m.checkpoint_path_for(epoch + 1)))
+        path = runs.checkpoint_path(self.log_dir, c, epoch + 1)     # this process's folder (chief: the run's)
         save_checkpoint(path, self.model, epoch + 1, self.optimizer, c)
         self.epoch = epoch + 1
         append_row(os.path.join(self.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})

@@ -41,7 +41,7 @@ if ROOT_DIR not in sys.path:
     sys.path.insert(0, ROOT_DIR)
 
 from mrcnn.config import BACKBONES  # noqa: E402
-from mrcnn.coco_dataset import CocoDataset  # noqa: E402
+from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
 from mrcnn.edge_agreement import FILTERS  # noqa: E402
 from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
@@ -206,13 +206,6 @@ def dataset_root(args):
     return ensure_builtin_coco(args.builtin_dir, images=args.builtin_images, year=args.year)
 
 
-def load_subset(root, subset, year, limit=None, return_coco=False):
-    dataset = CocoDataset()
-    coco = dataset.load_coco(root, subset, year=year, limit=limit, return_coco=return_coco)
-    dataset.prepare()
-    return (dataset, coco) if return_coco else dataset
-
-
 def describe_dataset(args, root):
     kind = "built-in synthetic COCO" if args.dataset is None else "COCO"
     return f"{kind} data in {root} (year {args.year})"
@@ -288,8 +281,8 @@ def train(args):
     from mrcnn import model as modellib
     root = dataset_root(args)
     log.info("dataset: %s", describe_dataset(args, root))
-    train_set = load_subset(root, "train", args.year)
-    val_set = load_subset(root, "val", args.year)
+    train_set = load_coco_subset(root, "train", args.year)
+    val_set = load_coco_subset(root, "val", args.year)
     if val_set.class_names != train_set.class_names:
         raise ValueError(f"{root}: the train and val annotation files have different categories "
                          f"({train_set.class_names[1:]} vs {val_set.class_names[1:]})")
@@ -339,7 +332,7 @@ def evaluate(args):
     log.info("dataset: %s; evaluating on %s val images", describe_dataset(args, root),
              limit if limit else "all")
     subset = "minival" if args.dataset is not None and args.year == "2014" else "val"
-    dataset, coco = load_subset(root, subset, args.year,
+    dataset, coco = load_coco_subset(root, subset, args.year,
                                 limit=limit, return_coco=True)
     config = make_config(args, num_classes=dataset.num_classes, inference=True)
     log.info("detections: %s mode, score >= %g, NMS %g, at most %d per image", config.DETECTION_MODE,
@@ -375,8 +368,8 @@ def evaluate(args):
 
     results, seconds = evaluation.detect_dataset(model, dataset, image_ids, on_image=score_and_draw)
     coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
-    metrics = evaluation.evaluate_all(coco, results, image_ids=coco_ids)
-    table = evaluation.summarize_table(metrics)
+    coco_metrics = evaluation.evaluate_all(coco, results, image_ids=coco_ids)
+    table = evaluation.summarize_table(coco_metrics)
     map50 = float(np.mean(aps)) if aps else 0.0
     print(f"\nEvaluation of {path or 'random weights'} on {len(image_ids)} images, {args.detection_mode} "
           f"detections "
@@ -385,10 +378,10 @@ def evaluate(args):
           f"{map50:.3f}")
     with open(stem + "_detections.json", "w") as f:
         json.dump(results, f)
-    evaluation.write_metrics(metrics, stem + "_metrics", extra={"matterport_mAP50": map50})
-    metrics["matterport_mAP50"] = map50
+    evaluation.write_metrics(coco_metrics, stem + "_metrics", extra={"matterport_mAP50": map50})
+    coco_metrics["matterport_mAP50"] = map50
     log.info("wrote %s_detections.json, %s_metrics.json and .csv", stem, stem)
-    return metrics
+    return coco_metrics
 
 
 def main(argv=None):

@@ -60,6 +60,7 @@ try:                      # imported as samples.edge_study.study (the tests)
     from . import analysis as S
 except ImportError:       # run as a script: the analysis module sits next to it
     import analysis as S  # noqa: E402
+from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
 from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
 
@@ -174,15 +175,6 @@ def make_config(settings, arm, inference=False, **extra):
     return type(base.__name__, (base,), attrs)()
 
 
-def load_subset(root, subset, year, limit=None, return_coco=False):
-    """A prepared CocoDataset of ``root`` (and its pycocotools COCO object)."""
-    from mrcnn.coco_dataset import CocoDataset
-    dataset = CocoDataset()
-    coco = dataset.load_coco(root, subset, year=year, limit=limit, return_coco=True)
-    dataset.prepare()
-    return (dataset, coco) if return_coco else dataset
-
-
 def prepare_data(settings):
     """(train dataset, val dataset, val COCO) of the study, generating built-in data once."""
     from mrcnn.synthetic_coco import ensure_builtin_coco
@@ -190,9 +182,9 @@ def prepare_data(settings):
     if root == "builtin":     # the same cache and generator settings as coco.py
         b = settings["builtin"]
         root = ensure_builtin_coco(b["dir"], images=b["images"], year=settings["year"])
-    train = load_subset(root, "train", settings["year"])
+    train = load_coco_subset(root, "train", settings["year"])
     val_subset = "minival" if settings["dataset"] != "builtin" and settings["year"] == "2014" else "val"
-    val, val_coco = load_subset(root, val_subset, settings["year"], limit=settings["eval_limit"],
+    val, val_coco = load_coco_subset(root, val_subset, settings["year"], limit=settings["eval_limit"],
                                 return_coco=True)
     log.info("data: %d train, %d val images from %s", len(train.image_ids), len(val.image_ids), root)
     return train, val, val_coco
