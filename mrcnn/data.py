@@ -492,5 +492,10 @@ class BatchLoader:
                 step += 1
                 yield batch
         finally:
-            pool.terminate()
+            # Let the batches in flight arrive before the workers stop: a worker
+            # terminated while it sends a batch leaves half a message in the
+            # result pipe, and CPython's pool then hangs forever draining it.
+            pool.close()
+            for result in pending:
+                result.wait()
             pool.join()

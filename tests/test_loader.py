@@ -2,6 +2,8 @@
 itself, in an order fixed by the seed; a resumed loader continues it; shards
 of a global batch are the global batch's parts."""
 
+import os
+
 import numpy as np
 
 from mrcnn.data import BatchLoader, build_batch
@@ -61,3 +63,31 @@ def test_shards_are_the_parts_of_the_global_batch():
     direct = build_batch(ds, one, loader.batch_ids(2), "fliplr", seed=1 * 1000003 + 2)
     for k in direct:
         np.testing.assert_array_equal(direct[k], whole[2][k], err_msg=k)
+
+
+def test_closing_a_loader_while_batches_are_in_flight_never_hangs(tmp_path):
+    """Closing the iterator (end of an epoch or of validation) while workers are
+    sending prefetched batches must not hang: terminating a worker mid-send
+    left half a message in the pool's result pipe, and CPython's pool then
+    waited for the rest forever. Run in a subprocess so that a hang fails."""
+    import subprocess
+    import sys
+    import textwrap
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]
+        from mrcnn.data import BatchLoader
+        from tiny import TinyConfig, make_dataset
+        config = TinyConfig().derive(IMAGE_MIN_DIM=256, IMAGE_MAX_DIM=256, IMAGES_PER_GPU=4)
+        ds = make_dataset(8, seed=1, size=256)
+        for i in range(30):
+            it = iter(BatchLoader(ds, config, seed=i, workers=2, prefetch=4))
+            next(it)
+            time.sleep(0.02 * (i % 5))
+            it.close()
+        print("closed 30 loaders")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0 and "closed 30 loaders" in done.stdout, done.stderr[-2000:]
