@@ -40,24 +40,6 @@ def test_cli_options_map_to_config():
     assert coco.make_config(coco.build_parser().parse_args(["train"])).EDGE_LOSS_FILTERS == []
 
 
-def test_epoch_plan_runs_exactly_the_steps_in_the_paper_proportions():
-    # 160k steps, at most 160 epochs: 1000 steps each; 40k heads, 80k 4+, 40k all at LR/10.
-    assert coco.epoch_plan("full", 160000, 160) == (1000, [("heads", 40, 1.0), ("4+", 120, 1.0),
-                                                            ("all", 160, 0.1)])
-    assert coco.epoch_plan("base", 120000, 160) == (750, [("heads", 53, 1.0), ("4+", 160, 1.0)])
-    assert coco.epoch_plan("fine", 40000, 160) == (250, [("all", 160, 0.1)])
-    assert coco.epoch_plan("single", 4000, 10) == (400, [("all", 10, 1.0)])
-    for mode in coco.TRAINING_MODES:
-        for steps in (2, 3, 7, 8, 12, 997, 1000, 4001):
-            per_epoch, plan = coco.epoch_plan(mode, steps, 10)
-            assert per_epoch * plan[-1][1] == steps, (mode, steps)
-            ends = [end for _, end, _ in plan]
-            assert ends == sorted(set(ends))
-    # Too few epochs for three stages: the first stages and the last one run.
-    assert coco.epoch_plan("full", 2, 10) == (1, [("heads", 1, 1.0), ("all", 2, 0.1)])
-    assert coco.epoch_plan("full", 997, 10) == (997, [("all", 1, 0.1)])
-
-
 def test_full_mode_runs_its_last_stage_at_a_tenth_of_the_rate(tmp_path):
     from mrcnn.training import learning_rate_at
     run_cli(tmp_path, "train", "--training-mode", "full", "--steps", "12", "--image-size", "64")

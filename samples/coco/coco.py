@@ -44,6 +44,7 @@ from mrcnn.config import BACKBONES  # noqa: E402
 from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
 from mrcnn.edge_agreement import FILTERS  # noqa: E402
 from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
+from mrcnn.stages import TRAINING_MODES, epoch_plan, stage_overrides, train_stages  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
 
 log = logging.getLogger("coco")
@@ -55,9 +56,6 @@ IMAGENET_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 EDGE_PRESETS = {"none": [], "sobel": ["sobel"], "laplace": ["laplace"], "sobel+laplace": ["sobel", "laplace"]}
 SMOOTHING = {"none": (False, False), "gt": (True, False), "pred": (False, True), "both": (True, True)}
-# Paper section 4: 40k heads, 80k 4+, 40k all at LR/10.
-SCHEDULE = [("heads", 1, 1.0), ("4+", 2, 1.0), ("all", 1, 0.1)]
-TRAINING_MODES = {"single": None, "full": (0, 1, 2), "base": (0, 1), "fine": (2,)}
 # Class-specific layers, excluded when loading weights trained on other classes.
 CLASS_SPECIFIC_LAYERS = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"]
 # Default total steps and most epochs (= checkpoints) of a run.
@@ -247,35 +245,6 @@ def resolve_weights(model, choice):
 # Commands
 # ---------------------------------------------------------------------------
 
-def epoch_plan(mode, total_steps, max_epochs):
-    """How ``--training-mode mode`` runs exactly ``total_steps`` steps.
-
-    Returns (steps_per_epoch, [(layers, end_epoch, lr_factor), ...]): the
-    epochs are the largest divisor E of total_steps that is at most
-    ``max_epochs`` (and at least the number of stages when possible), so
-    that E x steps_per_epoch == total_steps; each stage ends on a whole
-    epoch, in the paper's proportions rounded, and gets at least one. With
-    fewer epochs than stages, the first stages and the last one run.
-    """
-    stages = [("all", 1, 1.0)] if TRAINING_MODES[mode] is None else [SCHEDULE[i] for i in TRAINING_MODES[mode]]
-    divisors = [d for d in range(1, min(total_steps, max_epochs) + 1) if total_steps % d == 0]
-    enough = [d for d in divisors if d >= len(stages)]
-    epochs = max(enough or divisors)
-    if epochs < len(stages):
-        log.warning("%d steps make only %d epochs: --training-mode %s runs %d of its %d stages "
-                    "(the last one included)", total_steps, epochs, mode, epochs, len(stages))
-        stages = stages[:epochs - 1] + stages[-1:]
-    parts = sum(s[1] for s in stages)
-    plan, done = [], 0
-    for k, (layers, weight, lr_factor) in enumerate(stages):
-        done += weight
-        left = len(stages) - 1 - k          # later stages need an epoch each
-        end = int(round(epochs * done / parts))
-        end = min(max(end, (plan[-1][1] if plan else 0) + 1), epochs - left)
-        plan.append((layers, end, lr_factor))
-    return total_steps // epochs, plan
-
-
 def train(args):
     import keras
     from mrcnn import model as modellib
@@ -289,12 +258,11 @@ def train(args):
     kind = "builtin" if args.dataset is None else "coco"
     total = args.steps or DEFAULT_STEPS[kind]
     mode = args.training_mode or ("single" if args.model in (None, "none") else "full")
-    steps_per_epoch, plan = epoch_plan(mode, total, MAX_EPOCHS[kind])
+    from_scratch = args.model in (None, "none")
+    steps_per_epoch, plan = epoch_plan(mode, total, MAX_EPOCHS[kind], from_scratch=from_scratch)
     config = make_config(args, num_classes=train_set.num_classes)
-    overrides = {"STEPS_PER_EPOCH": steps_per_epoch, "VALIDATION_STEPS": min(config.VALIDATION_STEPS, 5)}
-    if mode != "single":
-        overrides["LEARNING_RATE_SCHEDULE"] = "constant"   # each stage runs at its own rate
-    config = config.derive(**overrides)
+    config = config.derive(STEPS_PER_EPOCH=steps_per_epoch, VALIDATION_STEPS=min(config.VALIDATION_STEPS, 5),
+                           **stage_overrides(mode))
     log.info("config: %s (%s, %dx%d images, batch %d, %d classes); edge loss: %s", type(config).__name__,
              config.BACKBONE, config.IMAGE_SHAPE[0], config.IMAGE_SHAPE[1], config.BATCH_SIZE,
              config.NUM_CLASSES, config.EDGE_LOSS_FILTERS or "off")
@@ -305,22 +273,13 @@ def train(args):
     if path:
         log.info("loading weights %s", path)
         model.load_weights(path, by_name=True, exclude=exclude)
-    augmentation = None if args.no_augment else "fliplr"
-    if path is None and mode != "single":
-        # Freezing a randomly initialised backbone teaches it nothing: from
-        # scratch, every stage trains all layers (the LR schedule is kept).
-        plan = [("all", end, lr) for _, end, lr in plan]
+    if from_scratch and mode != "single":
         log.info("no pre-trained weights (--model none): all layers train in every stage")
     log.info("training mode %s: %d steps = %d epochs x %d steps; stages (layers, last epoch, lr factor): %s",
              mode, total, plan[-1][1], steps_per_epoch, plan)
     t0 = time.time()
-    for layers, end_epoch, lr_factor in plan:
-        if model.epoch >= end_epoch:
-            continue
-        log.info("stage: layers=%s until epoch %d at lr %g", layers, end_epoch,
-                 config.LEARNING_RATE * lr_factor)
-        model.train(train_set, val_set, learning_rate=config.LEARNING_RATE * lr_factor,
-                    epochs=end_epoch, layers=layers, augmentation=augmentation, seed=args.seed)
+    train_stages(model, plan, train_set, val_set, config.LEARNING_RATE,
+                 augmentation=None if args.no_augment else "fliplr", seed=args.seed)
     log.info("training done in %.0f s; last checkpoint %s", time.time() - t0, model.find_last())
     return model
 
