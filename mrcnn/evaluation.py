@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import scipy.ndimage
@@ -468,9 +469,13 @@ class PeriodicEvaluation:
     detects on ``dataset`` and is scored against ``coco_gt`` with
     ``evaluate_all``. Each evaluation becomes a row of ``rows`` and of
     ``<log_dir>/ap_curve.csv``: epoch, global step, training seconds so far
-    (the epochs' wall time, evaluation excluded), ``detect_ms_per_image`` and
+    (the epochs' wall time, evaluation excluded), ``detect_ms_per_image``,
     ``<iou type>_<metric>`` for every metric (e.g. ``segm_AP``,
-    ``boundary_AP50``).
+    ``boundary_AP50``) and ``eval_seconds`` (this evaluation's wall time).
+
+    A resumed run keeps its curve: ``set_model`` (called by ``train``, after
+    the trainer has trimmed the logs to the restored epoch) reads the rows
+    already in ``ap_curve.csv`` and the training seconds of ``history.csv``.
     """
 
     def __init__(self, inference_model, dataset, coco_gt, every=1, image_ids=None, log_dir=None,
@@ -488,31 +493,42 @@ class PeriodicEvaluation:
 
     def set_model(self, keras_model):
         self.model = keras_model
+        if not self.log_dir:
+            return
+        from mrcnn.logs import read_table
+        curve, history = (os.path.join(self.log_dir, name) for name in ("ap_curve.csv", "history.csv"))
+        if os.path.exists(curve):
+            table = read_table(curve)
+            self.rows = [{k: (int(v[i]) if k in ("epoch", "step") else float(v[i])) for k, v in table.items()}
+                         for i in range(len(table.get("epoch", [])))]
+        if os.path.exists(history):
+            self.train_seconds = float(read_table(history).get("seconds", np.zeros(0)).sum())
 
     def on_epoch_end(self, epoch, logs):
         self.train_seconds += float(logs.get("seconds", 0.))
-        if (epoch + 1) % self.every:
-            return
+        if (epoch + 1) % self.every == 0:
+            self.evaluate(epoch + 1, int(logs.get("step", 0)))
+
+    def evaluate(self, epoch, step):
+        """Copy the weights, detect, score; append and return the row of ``epoch`` (1-based)."""
+        from mrcnn.logs import append_row
+        t0 = time.perf_counter()
         self.copy_weights()
         results, seconds = detect_dataset(self.inference_model, self.dataset, self.image_ids,
                                           progress=self.progress)
         coco_ids = [self.dataset.image_info[i]["id"] for i in self.image_ids]
         metrics = evaluate_all(self.coco_gt, results, image_ids=coco_ids, iou_types=self.iou_types)
-        row = {"epoch": epoch + 1, "step": int(logs.get("step", 0)), "train_seconds": self.train_seconds,
+        row = {"epoch": int(epoch), "step": int(step), "train_seconds": self.train_seconds,
                "detect_ms_per_image": 1000. * seconds / max(1, len(self.image_ids))}
         row.update({f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()})
+        row["eval_seconds"] = time.perf_counter() - t0
         self.rows.append(row)
         log.info("epoch %d (step %d, %.0f s of training): mask AP %.3f, AP50 %.3f, Boundary AP %.3f, "
                  "box AP %.3f", row["epoch"], row["step"], row["train_seconds"], row.get("segm_AP", -1),
                  row.get("segm_AP50", -1), row.get("boundary_AP", -1), row.get("bbox_AP", -1))
         if self.log_dir:
-            path = os.path.join(self.log_dir, "ap_curve.csv")
-            new = not os.path.exists(path)
-            with open(path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_row(os.path.join(self.log_dir, "ap_curve.csv"), row)
+        return row
 
     def copy_weights(self):
         """Assign the training model's weights to the inference model, layer by layer."""

@@ -1,5 +1,6 @@
-"""Training logs: ``history.csv`` (one row per epoch) and ``steps.csv`` (one
-row every ``log_every`` steps) in a run folder. Plain CSV, read and written
+"""Training logs: ``history.csv`` (one row per epoch), ``steps.csv`` (one
+row every ``log_every`` steps) and ``ap_curve.csv`` (one row per evaluation,
+``evaluation.PeriodicEvaluation``) in a run folder. Plain CSV, read and written
 without TensorFlow.
 """
 
@@ -35,10 +36,11 @@ def read_table(path):
 
 def trim(log_dir, epoch, step):
     """Prepare a run folder for resuming after ``epoch`` (global step ``step``):
-    drop rows of ``history.csv`` past ``epoch`` and of ``steps.csv`` past
-    ``step`` (written after the last checkpoint by a run that crashed), and
-    remove temporary checkpoint files left by a killed writer."""
-    for name, column, last in (("history.csv", "epoch", epoch), ("steps.csv", "step", step)):
+    drop rows of ``history.csv`` and ``ap_curve.csv`` past ``epoch`` and of
+    ``steps.csv`` past ``step`` (written after the last checkpoint by a run
+    that crashed), and remove temporary checkpoint files left by a killed writer."""
+    for name, column, last in (("history.csv", "epoch", epoch), ("ap_curve.csv", "epoch", epoch),
+                               ("steps.csv", "step", step)):
         path = os.path.join(log_dir, name)
         if not os.path.exists(path):
             continue

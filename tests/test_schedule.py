@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mrcnn import model as modellib, synthetic
+from mrcnn import model as modellib, stages, synthetic
 from mrcnn.data import build_batch
 from mrcnn.logs import trim as trim_logs
 from mrcnn.training import NonFiniteLossError, Trainer, learning_rate_at, set_trainable
@@ -19,6 +19,33 @@ class C(TinyConfig):
     NUM_CLASSES = 1 + len(synthetic.CLASS_NAMES)
     STEPS_PER_EPOCH = 3
     VALIDATION_STEPS = 0
+
+
+def test_epoch_plan_runs_exactly_the_steps_in_the_paper_proportions():
+    # 160k steps, at most 160 epochs: 1000 steps each; 40k heads, 80k 4+, 40k all at LR/10.
+    assert stages.epoch_plan("full", 160000, 160) == (1000, [("heads", 40, 1.0), ("4+", 120, 1.0),
+                                                            ("all", 160, 0.1)])
+    assert stages.epoch_plan("base", 120000, 160) == (750, [("heads", 53, 1.0), ("4+", 160, 1.0)])
+    assert stages.epoch_plan("fine", 40000, 160) == (250, [("all", 160, 0.1)])
+    assert stages.epoch_plan("single", 4000, 10) == (400, [("all", 10, 1.0)])
+    for mode in stages.TRAINING_MODES:
+        for steps in (2, 3, 7, 8, 12, 997, 1000, 4001):
+            per_epoch, plan = stages.epoch_plan(mode, steps, 10)
+            assert per_epoch * plan[-1][1] == steps, (mode, steps)
+            ends = [end for _, end, _ in plan]
+            assert ends == sorted(set(ends))
+    # Too few epochs for three stages: the first stages and the last one run.
+    assert stages.epoch_plan("full", 2, 10) == (1, [("heads", 1, 1.0), ("all", 2, 0.1)])
+    assert stages.epoch_plan("full", 997, 10) == (997, [("all", 1, 0.1)])
+
+
+def test_epoch_plan_from_scratch_trains_all_layers_in_every_stage_at_the_stage_rates():
+    assert stages.epoch_plan("full", 6000, 8, from_scratch=True) == (
+        750, [("all", 2, 1.0), ("all", 6, 1.0), ("all", 8, 0.1)])
+    assert stages.stage_overrides("full") == {"LEARNING_RATE_SCHEDULE": "constant"}
+    assert stages.stage_overrides("single") == {}
+    with pytest.raises(ValueError, match="unknown training mode 'paper'"):
+        stages.epoch_plan("paper", 100, 10)
 
 
 def lr_by_step(log_dir):
@@ -117,10 +144,13 @@ def test_trim_logs_drops_rows_after_the_checkpoint_and_temporary_files(tmp_path)
         f.write("step,loss\n" + "".join(f"{s},{s / 10}\n" for s in range(1, 8)))
     with open(tmp_path / "history.csv", "w") as f:
         f.write("epoch,loss\n1,0.5\n2,0.4\n3,0.3\n")
+    with open(tmp_path / "ap_curve.csv", "w") as f:
+        f.write("epoch,step,segm_AP\n1,2,0.1\n2,4,0.2\n3,6,0.3\n")
     (tmp_path / "mask_rcnn_x_0003.weights.h5.tmp-1234").write_bytes(b"partial")
     trim_logs(str(tmp_path), epoch=2, step=4)
     assert [r["step"] for r in read_rows(tmp_path / "steps.csv")] == ["1", "2", "3", "4"]
     assert [r["epoch"] for r in read_rows(tmp_path / "history.csv")] == ["1", "2"]
+    assert [r["epoch"] for r in read_rows(tmp_path / "ap_curve.csv")] == ["1", "2"]
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
