@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from samples.edge_study import analysis as S
+from samples.edge_study import analysis as S, ap_report as AP
+from samples.edge_study.report import build_report
 
 STEPS = np.arange(10, 2001, 10, dtype=np.float64)
 
@@ -126,9 +127,20 @@ def test_arm_registry_only_touches_edge_fields_and_builds_valid_configs():
 # The report on a synthetic study folder (no training)
 # ---------------------------------------------------------------------------
 
-def _fake_run(run_dir, arm, seed, curve, ap):
+def _fake_run(run_dir, arm, seed, curve, ap, ap_speed=None):
+    """A finished run: loss ``curve(t)``, final metrics ``ap``; with ``ap_speed`` k
+    also an AP curve ``ap * ap_curve(k t) / ap_curve(6000 k)`` at EVAL_STEPS (final: ``ap``)."""
     path = os.path.join(run_dir, S.arm_dirname(arm), f"seed{seed}")
     os.makedirs(os.path.join(path, "train"))
+    done = {}
+    if ap_speed:
+        from mrcnn.logs import append_row
+        for t in EVAL_STEPS:
+            v = float(ap * ap_curve(ap_speed * t) / ap_curve(ap_speed * 6000))
+            append_row(os.path.join(path, "train", "ap_curve.csv"),
+                       {"epoch": int(t // 750), "step": int(t), "segm_AP": v, "boundary_AP": 0.8 * v,
+                        "bbox_AP": v + 0.05, "segm_AP50": 2 * v, "segm_AP75": v})
+        done["ap_curve_csv"] = "train/ap_curve.csv"
     with open(os.path.join(path, "train", "steps.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "mrcnn_mask_loss", "mrcnn_loss"])
@@ -140,7 +152,7 @@ def _fake_run(run_dir, arm, seed, curve, ap):
         m["APl"] = -1.0                                        # no large objects
     with open(os.path.join(path, "done.json"), "w") as f:
         json.dump({"arm": arm, "seed": seed, "steps_csv": "train/steps.csv", "log_every": 10,
-                   "metrics": metrics, "ms_per_step": 100.0, "seconds": {"train": 5.0}}, f)
+                   "metrics": metrics, "ms_per_step": 100.0, "seconds": {"train": 5.0}, **done}, f)
 
 
 def test_report_on_synthetic_runs(tmp_path):
@@ -150,7 +162,7 @@ def test_report_on_synthetic_runs(tmp_path):
         _fake_run(run_dir, "baseline", seed, baseline_loss, aps["baseline"][seed])
         _fake_run(run_dir, "sobel", seed, lambda t: baseline_loss(1.25 * t), aps["sobel"][seed])
         _fake_run(run_dir, "laplace", seed, lambda t: baseline_loss(t) + 0.2, aps["laplace"][seed])
-    report = S.build_report(run_dir)
+    report = build_report(run_dir)
     rows = report["rows"]
     assert list(rows) == ["sobel", "laplace", "baseline"]
     assert rows["sobel"]["SU L_MRCNN avg"] == pytest.approx(0.2, abs=0.01)
@@ -177,6 +189,78 @@ def test_report_on_synthetic_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# AP curves: paired intervals and SU on AP
+# ---------------------------------------------------------------------------
+
+def test_report_pairs_ap_by_seed_with_intervals_and_su_on_ap(tmp_path):
+    run_dir = str(tmp_path)
+    base_ap = [0.20, 0.25, 0.30, 0.22]
+    for seed, b in enumerate(base_ap):        # sobel: +0.02 (+-0.005) and 1.25x faster in every seed
+        _fake_run(run_dir, "baseline", seed, baseline_loss, b, ap_speed=1.0)
+        _fake_run(run_dir, "sobel", seed, baseline_loss, b + 0.02 + 0.005 * (-1) ** seed, ap_speed=1.25)
+    report = build_report(run_dir)
+    row = report["ap_rows"]["sobel"]
+    diff = row["diff"]["mask AP"]
+    assert diff.n == 4 and diff.mean == pytest.approx(0.02, abs=1e-9) and diff.excludes_zero
+    assert row["diff"]["Boundary AP"].mean == pytest.approx(0.8 * 0.02, abs=1e-6)
+    for name in ("mask AP", "Boundary AP"):
+        sus = [v.su for v in row["su"][name].values()]
+        assert len(sus) == 4 and min(sus) > 0.2        # 1.25x faster and a higher final AP
+        assert row["su interval"][name].excludes_zero
+    assert report["ap_rows"]["baseline"]["diff"] == {}
+    md = open(report["markdown"]).read()
+    assert "## AP during training, paired by seed" in md and "![SU on AP](su_on_ap.png)" in md
+    sobel_line = next(line for line in md.splitlines() if line.startswith("| sobel | 4 |"))
+    assert "+2.0 [" in sobel_line and "]*" in sobel_line
+    assert os.path.getsize(os.path.join(run_dir, "ap_curves.png")) > 10000
+    assert os.path.getsize(os.path.join(run_dir, "su_on_ap.png")) > 10000
+
+
+# ---------------------------------------------------------------------------
+
+EVAL_STEPS = np.arange(750, 6001, 750, dtype=np.float64)
+
+
+def ap_curve(t):
+    return 0.4 * (1 - np.exp(-np.asarray(t, np.float64) / 2000))
+
+
+def test_t_interval_and_paired_interval_by_hand():
+    # d = 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.3027 -> 2 +- 4.3027 / sqrt(3) = 2 +- 2.4841
+    iv = AP.paired_interval({0: 3.0, 1: 5.0, 2: 7.0, 3: 1.0}, {0: 2.0, 1: 3.0, 2: 4.0})
+    assert (iv.n, iv.mean, iv.sd) == (3, 2.0, 1.0)
+    assert iv.low == pytest.approx(-0.4841, abs=1e-4) and iv.high == pytest.approx(4.4841, abs=1e-4)
+    assert not iv.excludes_zero
+    assert AP.t_interval([1.0, 1.1, 0.9, 1.0, 1.0]).excludes_zero
+    one = AP.t_interval([0.5, None])
+    assert (one.mean, one.low, one.n) == (0.5, None, 1)
+    assert AP.format_interval(iv, scale=1) == "+2.0 [-0.5, +4.5]"
+    assert AP.format_interval(one, suffix="%") == "+50.0% (n=1)"
+
+
+def test_t_interval_covers_the_true_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(0.7, 2.0, size=(4000, 5))
+    covered = [iv.low <= 0.7 <= iv.high for iv in map(AP.t_interval, samples)]
+    assert np.mean(covered) == pytest.approx(0.95, abs=0.012)
+
+
+def test_su_on_ap_of_time_rescaled_curves():
+    base = (EVAL_STEPS, ap_curve(EVAL_STEPS))
+    faster = AP.su_on_ap(base, (EVAL_STEPS, ap_curve(1.25 * EVAL_STEPS)))
+    assert not faster.extrapolated and faster.su == pytest.approx(0.20, abs=0.015)
+    assert faster.target == pytest.approx(ap_curve(6000))
+    same = AP.su_on_ap(base, base)
+    assert same.su == 0.0 and not same.extrapolated
+    slower = AP.su_on_ap(base, (EVAL_STEPS, ap_curve(0.8 * EVAL_STEPS)))   # never reaches the target
+    assert slower.extrapolated and slower.su == pytest.approx(1 - 1 / 0.8, abs=0.02)
+    # A noisy, non-monotone baseline: its first crossing of its own final value counts.
+    bumpy = (EVAL_STEPS, np.array([0.1, 0.2, 0.31, 0.29, 0.33, 0.32, 0.34, 0.30]))
+    su = AP.su_on_ap(bumpy, bumpy)
+    assert su.su == 0.0 and su.steps_baseline == pytest.approx(750 * 3 - 750 * 0.01 / 0.11, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # The runner
 # ---------------------------------------------------------------------------
 
@@ -195,22 +279,23 @@ def test_cli_rejects_unknown_arms_and_edge_overrides(runner, capsys):
     with pytest.raises(SystemExit):
         runner.build_parser().parse_args(["run", "--steps", "5", "--out", "x",
                                           "--set", "EDGE_LOSS_WEIGHT=2"])
-    args = runner.build_parser().parse_args(["run", "--steps", "7", "--epochs", "3", "--out", "x",
+    args = runner.build_parser().parse_args(["run", "--steps", "8", "--epochs", "3", "--out", "x",
                                              "--set", "IMAGES_PER_GPU=2"])
-    settings = runner.study_settings(args)
-    assert (settings["steps_per_epoch"], settings["steps"]) == (3, 9)
+    settings = runner.study_settings(args)       # exactly --steps: 2 epochs of 4 (mrcnn.stages.epoch_plan)
+    assert (settings["steps_per_epoch"], settings["epochs"], settings["steps"]) == (4, 2, 8)
     config = runner.make_config(settings, "sobel-l3")
     assert config.BATCH_SIZE == 2 and config.EDGE_LOSS_NORM == 3 and config.VALIDATION_STEPS == 0
 
 
-def test_unfinished_run_restarts_and_settings_must_match(runner, tmp_path):
+def test_unfinished_run_without_checkpoint_restarts_and_settings_must_match(runner, tmp_path):
     run = tmp_path / "sobel" / "seed0"
     (run / "train").mkdir(parents=True)
     (run / "train" / "steps.csv").write_text("partial")
-    assert runner.prepare_run_dir(str(run)) is False
+    (run / "train" / "mask_rcnn_cpu_0001.weights.h5").write_bytes(b"truncated")   # unreadable
+    assert runner.prepare_run_dir(str(run)) == "new"
     assert list(run.iterdir()) == []
     (run / "done.json").write_text("{}")
-    assert runner.prepare_run_dir(str(run)) is True
+    assert runner.prepare_run_dir(str(run)) == "done"
     runner.load_or_start_study(str(tmp_path), {"steps": 10}, ["baseline"], 1)
     runner.load_or_start_study(str(tmp_path), {"steps": 10}, ["sobel"], 2)
     saved = json.loads((tmp_path / "study.json").read_text())
@@ -219,19 +304,67 @@ def test_unfinished_run_restarts_and_settings_must_match(runner, tmp_path):
         runner.load_or_start_study(str(tmp_path), {"steps": 20}, ["baseline"], 1)
 
 
-def test_two_arm_study_end_to_end_and_resume(runner, tmp_path, monkeypatch):
+def test_cli_plans_the_paper_stages_and_shards(runner):
+    args = runner.build_parser().parse_args(["run", "--steps", "6000", "--epochs", "8", "--out", "x",
+                                             "--training-mode", "full", "--jobs", "2"])
+    settings = runner.study_settings(args)
+    assert settings["steps_per_epoch"] == 750 and settings["epochs"] == 8
+    assert settings["stages"] == [["all", 2, 1.0], ["all", 6, 1.0], ["all", 8, 0.1]]
+    assert runner.make_config(settings, "sobel").LEARNING_RATE_SCHEDULE == "constant"
+    assert runner.make_config(settings, "sobel", inference=True).DETECTION_MODE == "coco"
+    assert runner.build_parser().parse_args(["run", "--steps", "5", "--out", "x", "--shard", "1/3"]).shard == (1, 3)
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["run", "--steps", "5", "--out", "x", "--shard", "3/3"])
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_two_arm_study_end_to_end_with_a_run_stopped_mid_way(runner, tmp_path, monkeypatch):
+    from mrcnn.evaluation import PeriodicEvaluation
+    from mrcnn.logs import read_table
     out = tmp_path / "study"
     argv = ["run", "--arms", "baseline", "sobel", "--seeds", "1", "--steps", "6", "--epochs", "3",
             "--log-every", "1", "--out", str(out), "--builtin-dir", str(tmp_path / "data"),
             "--builtin-images", "8", "--set", "IMAGES_PER_GPU=2"]
-    report = runner.main(argv)
-    for name in ("report.md", "report.csv", "loss_curves_filters.png", "study.json"):
+    # The sobel run stops after writing its epoch-2 checkpoint, before evaluating it
+    # (the worst moment: the checkpoint exists, its AP row does not).
+    evaluate, stops = PeriodicEvaluation.evaluate, []
+
+    def stop_once(self, epoch, step):
+        if epoch == 2 and os.sep + "sobel" + os.sep in self.log_dir and not stops:
+            stops.append(step)
+            raise Stopped
+        return evaluate(self, epoch, step)
+    monkeypatch.setattr(PeriodicEvaluation, "evaluate", stop_once)
+    with pytest.raises(Stopped):
+        runner.main(argv)
+    sobel = out / "sobel" / "seed0" / "train"
+    assert (out / "baseline" / "seed0" / "done.json").exists() and not (sobel.parent / "done.json").exists()
+    assert list(read_table(str(sobel / "ap_curve.csv"))["epoch"]) == [1]
+    first_part = read_table(str(sobel / "steps.csv"))
+    assert list(first_part["step"]) == [1, 2, 3, 4]
+
+    report = runner.main(argv)                  # resumes the sobel run after epoch 2
+    steps = read_table(str(sobel / "steps.csv"))
+    assert list(steps["step"]) == [1, 2, 3, 4, 5, 6]             # no step lost, none twice
+    np.testing.assert_array_equal(steps["loss"][:4], first_part["loss"])
+    ap = read_table(str(sobel / "ap_curve.csv"))
+    assert list(ap["epoch"]) == [1, 2, 3] and list(ap["step"]) == [2, 4, 6]
+    assert np.all(np.diff(ap["train_seconds"]) > 0)              # training time carried over
+    assert list(read_table(str(sobel / "history.csv"))["epoch"]) == [1, 2, 3]
+    assert json.loads((sobel.parent / "done.json").read_text())["resumed"] is True
+    for name in ("report.md", "report.csv", "loss_curves_filters.png", "study.json", "ap_curves.png",
+                 "su_on_ap.png"):
         assert (out / name).stat().st_size > 0, name
     curves = {}
     for arm in ("baseline", "sobel"):
         run = out / arm / "seed0"
         done = json.loads((run / "done.json").read_text())
         assert set(done["metrics"]) == {"bbox", "segm", "boundary"}
+        last_row = read_table(str(run / "train" / "ap_curve.csv"))
+        assert done["metrics"]["segm"]["AP"] == pytest.approx(last_row["segm_AP"][-1], abs=1e-6)
         assert all(-1 <= done["metrics"]["segm"][k] <= 1 for k in ("AP", "AP50", "AP75"))
         assert (run / "edge_maps.png").stat().st_size > 10000
         crops = np.load(run / "edge_maps.npz")
@@ -248,8 +381,9 @@ def test_two_arm_study_end_to_end_and_resume(runner, tmp_path, monkeypatch):
     assert curves["sobel"]["L_MRCNN"][1][0] == pytest.approx(curves["baseline"]["L_MRCNN"][1][0],
                                                             rel=1e-5)
     assert set(report["rows"]) == {"baseline", "sobel"}
+    assert set(report["ap_rows"]) == {"baseline", "sobel"}
     md = (out / "report.md").read_text()
-    assert "| sobel |" in md and "edge_maps.png" in md
+    assert "| sobel |" in md and "edge_maps.png" in md and "SU mask AP" in md
 
     def fail(*a, **k):
         raise AssertionError("a finished run was trained again")

@@ -1,10 +1,11 @@
-"""Analysis of an Edge Agreement study: arms, speed-up factor SU, tables, plots.
+"""Analysis of an Edge Agreement study: arms, loss curves, speed-up factor SU, aggregation.
 
 The runner (``samples/edge_study/study.py``) trains every arm x seed into
-``RUN_DIR/<arm>/seed<k>/`` (``train/steps.csv`` and a ``done.json`` with the
-final COCO metrics); this module reads such a folder and writes the report:
-``report.md`` and ``report.csv`` (paper Tables 1-3: rows = arms, cells
-"mean ± std" over seeds) and ``loss_curves_<group>.png`` (paper Figure 4).
+``RUN_DIR/<arm>/seed<k>/`` (``train/steps.csv``, ``train/ap_curve.csv`` and a
+``done.json`` with the final COCO metrics); this module reads such runs and
+aggregates them per arm (paper Tables 1-3: rows = arms, cells "mean ± std"
+over seeds). ``report.py`` writes the report from these and from
+``ap_report.py`` (AP curves, SU on AP, paired intervals).
 
 Speed-up factor (paper section 5)
     "the required number of update steps for the configuration at hand to
@@ -38,7 +39,6 @@ Smoothing
 Curves, shapes: a curve is ``(steps [n] float, values [n] float)``.
 """
 
-import csv
 import dataclasses
 import glob
 import json
@@ -191,10 +191,13 @@ def smooth_curve(steps, values, window):
     return np.convolve(steps, kernel, "valid"), np.convolve(values, kernel, "valid")
 
 
-def steps_to_reach(steps, values, target):
-    """First step at which the curve is <= target, interpolated linearly between
-    logged points; None when it never gets there. steps, values: [n]."""
+def steps_to_reach(steps, values, target, rising=False):
+    """First step at which the curve is <= target (``rising``: >= target, for
+    curves that grow, such as AP), interpolated linearly between logged
+    points; None when it never gets there. steps, values: [n]."""
     steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    if rising:
+        values, target = -values, -target
     hits = np.nonzero(values <= target)[0]
     if len(hits) == 0:
         return None
@@ -401,155 +404,3 @@ def shown_groups(arms):
         if any(a in arms for a in own):
             out[group] = [a for a in spec["arms"] if a in arms] + ([BASELINE] if BASELINE in arms else [])
     return out
-
-
-def write_csv(path, rows):
-    """One line per arm: mean/std/n of every metric, SU (avg curves and per seed), final losses."""
-    fields = ["arm", "description", "seeds"]
-    metric_keys = list(MASK_METRICS) + ["Boundary AP", "bbox AP"]
-    for k in metric_keys:
-        fields += [f"{k} mean", f"{k} std", f"{k} n"]
-    for name in ("L_MRCNN", "L_mask"):
-        fields += [f"SU {name} avg", f"SU {name} mean", f"SU {name} std", f"SU {name} reached",
-                   f"final {name}"]
-    fields += ["ms_per_step mean", "train_seconds mean"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows.values():
-            out = {"arm": row["arm"], "description": row["description"],
-                   "seeds": " ".join(map(str, row["seeds"]))}
-            for k in metric_keys:
-                mean, std, n = mean_std(row[k])
-                out.update({f"{k} mean": _num(mean, 100), f"{k} std": _num(std, 100), f"{k} n": n})
-            for name in ("L_MRCNN", "L_mask"):
-                if f"SU {name} seeds" in row:
-                    su = row[f"SU {name} avg"]
-                    mean, std, n = mean_std(row[f"SU {name} seeds"])
-                    out[f"SU {name} avg"] = "n/r" if su is None else _num(su, 100)
-                    out[f"SU {name} mean"] = "n/r" if n == 0 else _num(mean, 100)
-                    out[f"SU {name} std"] = "" if n == 0 else _num(std, 100)
-                    out[f"SU {name} reached"] = f"{n}/{len(row[f'SU {name} seeds'])}"
-                out[f"final {name}"] = _num(row.get(f"final {name}"))
-            out["ms_per_step mean"] = _num(mean_std(row["ms_per_step"])[0])
-            out["train_seconds mean"] = _num(mean_std(row["train_seconds"])[0])
-            writer.writerow(out)
-    return path
-
-
-def _num(value, scale=1.0):
-    return "" if value is None else f"{value * scale:.6g}"
-
-
-def plot_group_curves(run_dir, groups, avg, windows):
-    """Figure 4-style PNGs, one per study group: seed-averaged smoothed L_MRCNN and
-    L_mask (solid), relative improvement over the baseline (dotted, right axis)
-    and the baseline's final loss, the SU target (dashed grey)."""
-    from mrcnn.visualize import plot_loss_curves
-    paths = {}
-    for group, arms in groups.items():
-        histories = {}
-        for arm in arms:
-            curves = {}
-            for name in ("L_MRCNN", "L_mask"):
-                if name in avg.get(arm, {}):
-                    w = windows.get(name) or 1
-                    steps, values = smooth_curve(*avg[arm][name], w)
-                    curves[name] = list(zip(steps, values))
-            histories[arm] = curves
-        path = os.path.join(run_dir, f"loss_curves_{group}.png")
-        fig = plot_loss_curves(histories, keys=("L_MRCNN", "L_mask"),
-                               baseline=BASELINE if BASELINE in histories else None)
-        for ax in fig.axes:       # the SU target: the baseline's final smoothed loss
-            curve = histories.get(BASELINE, {}).get(ax.get_title())
-            if curve:
-                ax.axhline(curve[-1][1], color="gray", linestyle="--", linewidth=0.8)
-        fig.suptitle(f"{group_title(group)}: seed-averaged, smoothed")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        paths[group] = path
-    return paths
-
-
-def build_report(run_dir, fraction=0.1):
-    """Write ``report.md``, ``report.csv`` and ``loss_curves_<group>.png`` for a study folder.
-
-    Returns {"rows": summary rows, "markdown": path, "csv": path, "plots": {group: path}}.
-    """
-    runs = collect_runs(run_dir)
-    if not runs:
-        raise FileNotFoundError(f"{run_dir}: no finished run (no <arm>/seed<k>/done.json)")
-    if BASELINE not in runs:
-        log.warning("%s: no finished baseline run: SU cannot be computed", run_dir)
-    rows, avg, windows = summarize(runs, fraction)
-    groups = shown_groups(list(rows)) or {"all": list(rows)}
-    plots = plot_group_curves(run_dir, groups, avg, windows)
-    settings = {}
-    if os.path.exists(os.path.join(run_dir, "study.json")):
-        with open(os.path.join(run_dir, "study.json")) as f:
-            settings = json.load(f)
-    md = _markdown(run_dir, settings, runs, rows, groups, plots, windows, fraction)
-    md_path, csv_path = os.path.join(run_dir, "report.md"), os.path.join(run_dir, "report.csv")
-    with open(md_path, "w") as f:
-        f.write(md)
-    write_csv(csv_path, rows)
-    log.info("wrote %s, %s and %d plots", md_path, csv_path, len(plots))
-    return {"rows": rows, "markdown": md_path, "csv": csv_path, "plots": plots}
-
-
-def _markdown(run_dir, settings, runs, rows, groups, plots, windows, fraction):
-    out = [f"# Edge Agreement study: {os.path.basename(os.path.abspath(run_dir))}", ""]
-    if settings:
-        out += ["## Settings", "", "```", json.dumps(settings, indent=1, sort_keys=True), "```", ""]
-    out += ["COCO mask metrics (segm) and Boundary AP in percent, mean ± std over seeds "
-            "(sample std; '(k/n)': only k of n seeds had a value, e.g. no object of that size). "
-            "SU: speed-up factor per seed pair (same seed), mean ± std; 'n/r' = not reached (the "
-            "arm's loss never got down to the baseline's final loss); with '(k/n)' the other "
-            "n - k seeds did not reach it; a negative SU is a slow-down.", ""]
-    for group, arms in groups.items():
-        out += [f"## {group_title(group)}", ""]
-        out += [markdown_table(TABLE_HEADER, [_table_cells(rows[a]) for a in arms]), ""]
-    base_row = rows.get(BASELINE)
-    header = ["Arm", "description", "seeds", "SU L_MRCNN (avg curves)", "SU L_MRCNN per seed",
-              "SU L_mask (avg curves)", "SU L_mask per seed", "final L_MRCNN", "final L_mask",
-              "bbox AP", "rel. COCO vs baseline", "ms/step", "train s/run"]
-    detail = []
-    for arm, row in rows.items():
-        cells = [arm, row["description"], str(len(row["seeds"]))]
-        for name in ("L_MRCNN", "L_mask"):
-            if f"SU {name} seeds" in row:
-                cells += [format_su(row[f"SU {name} avg"]),
-                          ", ".join(format_su(s) for s in row[f"SU {name} seeds"])]
-            else:
-                cells += ["–", "–"]
-        cells += [_fmt(row.get("final L_MRCNN"), 4), _fmt(row.get("final L_mask"), 4),
-                  format_mean_std(row["bbox AP"], scale=100)]
-        rel = _relative_coco(row, base_row) if base_row and arm != BASELINE else None
-        cells.append("–" if rel is None else f"{100 * rel:+.1f}%")
-        cells += [_fmt(mean_std(row["ms_per_step"])[0], 0), _fmt(mean_std(row["train_seconds"])[0], 0)]
-        detail.append(cells)
-    out += ["## Speed-up and final losses", "", markdown_table(header, detail), ""]
-    w = ", ".join(f"{k}: {v} logged points" for k, v in windows.items()) or "n/a"
-    out += [f"SU = 1 - t_arm / t_base: t = first step at which the smoothed curve reaches the "
-            f"baseline's final smoothed loss (linear interpolation between logged points). "
-            f"Smoothing: centred moving average, full windows only, window = {fraction:g} of the "
-            f"baseline's logged points ({w}). 'avg curves' = seed-averaged curves (the paper's way); "
-            "'per seed' = each seed against the baseline of the same seed. 'rel. COCO' = mean over "
-            "AP, AP50, AP75, APs, APm, APl of (arm - baseline) / baseline (paper: +8.1% for Sobel).",
-            ""]
-    if plots:
-        out += ["## Loss curves (Figure 4 style)", ""]
-        out += [f"![{g}]({os.path.basename(p)})" for g, p in plots.items()] + [""]
-    maps = [(arm, d) for arm in rows for s, d in sorted(runs[arm].items()) if d.get("edge_maps")]
-    if maps:
-        out += ["## Edge maps of real predictions (Figure 3 style)", "",
-                "One validation instance; columns: ground truth, smoothed ground truth, the "
-                "predicted mask at three checkpoints; rows: edge maps and per-pixel L^p errors.", ""]
-        for arm, d in maps:
-            rel = os.path.relpath(os.path.join(d["path"], d["edge_maps"]), run_dir)
-            out += [f"### {arm} (seed {d['seed']})", "", f"![{arm}]({rel})", ""]
-    return "\n".join(out)
-
-
-def _fmt(value, digits):
-    return "n/a" if value is None else f"{value:.{digits}f}"

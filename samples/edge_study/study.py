@@ -1,10 +1,13 @@
-"""Re-run the paper's study: does the Edge Agreement Head speed up training?
+"""Re-run the paper's study: does the Edge Agreement Head give a better detector sooner?
 
-    # Train every arm x seed, evaluate, then write the report (resumable):
-    python samples/edge_study/study.py run --arms baseline sobel laplace sobel+laplace \\
-        --seeds 3 --steps 400 --dataset builtin --out runs/edge-study
+    # Train and evaluate every arm x seed, then write the report (resumable):
+    python samples/edge_study/study.py run --arms baseline sobel --seeds 5 \
+        --steps 6000 --epochs 8 --jobs 2 --out runs/edge-study-2
+    # The paper's three stages (heads, 4+, all at LR/10) instead of one:
+    python samples/edge_study/study.py run --arms baseline sobel --seeds 1 \
+        --steps 6000 --epochs 8 --training-mode full --out runs/edge-study-2-full
     # (Re)write report.md, report.csv and the plots of a study folder:
-    python samples/edge_study/study.py report runs/edge-study
+    python samples/edge_study/study.py report runs/edge-study-2
     # The arms (paper sections 5.1-5.4):
     python samples/edge_study/study.py arms
 
@@ -13,40 +16,47 @@ only the EDGE_LOSS_* fields differ (``ARMS`` in ``samples/edge_study/analysis.py
 
 - ``keras.utils.set_random_seed(seed)`` before building the model (the edge
   head adds no variables, so all arms start from identical weights) and again
-  before training; the batch loader draws its order from ``seed``.
-- One stage, ``layers="all"`` at the config's LEARNING_RATE, from random
-  initialization (no pretrained weights exist offline), random horizontal
+  before training; the batch loader draws its order from ``seed`` and the step.
+- From random initialization (no pretrained weights exist offline), the
+  config's schedule (CpuConfig: warm-up, cosine decay), random horizontal
   flips as in the paper (``--no-augment`` turns them off). ``--steps`` are
-  split into ``--epochs`` epochs (default 5; one checkpoint each),
-  VALIDATION_STEPS = 0.
+  split into ``--epochs`` epochs (one checkpoint each), VALIDATION_STEPS = 0.
+  ``--training-mode full`` runs the paper's stages (``mrcnn.stages``; from
+  random weights every stage trains all layers, the last at LR/10).
 - Losses go to ``<run>/train/steps.csv`` every ``--log-every`` steps.
-- At the end: COCO bbox, mask (segm) and Boundary AP on the val split
-  (``--eval-limit`` images, detections scored >= ``--eval-min-confidence``,
-  default 0.05) into ``done.json``; for seed 0 also the edge maps of the mask
-  head's prediction for one validation instance (its ground-truth box as the
-  ROI, so it does not depend on detection) by the checkpoints after the
-  first, middle and last epoch (``edge_maps.png``, paper Figure 3 style).
+- After every epoch: COCO mask (segm), Boundary and bbox AP on the val split
+  (``--eval-limit`` images) with COCO-style detections
+  (``evaluation.COCO_DETECTION``: every class above 0.05, NMS 0.5, 100 per
+  image) into ``<run>/train/ap_curve.csv`` (``evaluation.PeriodicEvaluation``);
+  the last row is the run's result in ``done.json``. For seed 0 also the
+  edge maps of the mask head's prediction for one validation instance (its
+  ground-truth box as the ROI, so it does not depend on detection) by the
+  checkpoints after the first, middle and last epoch (``edge_maps.png``,
+  paper Figure 3 style).
 
 Layout: ``RUN_DIR/study.json`` (settings), ``RUN_DIR/<arm>/seed<k>/``
 (``train/`` logs and checkpoints, ``done.json``, ``edge_maps.png``),
-``RUN_DIR/report.md``, ``report.csv``, ``loss_curves_<group>.png``.
+``RUN_DIR/report.md``, ``report.csv`` and the plots.
+
 Runs go seed by seed (all arms of seed 0 first), so an interrupted study
-already compares all arms. Resuming: a run with ``done.json`` is skipped; an
-unfinished run folder is deleted and the run restarts from step 0 (simpler
-than resuming from a checkpoint, with the same initialization and data
-order as an uninterrupted run; TensorFlow's multi-threaded CPU kernels are
-not bit-reproducible, so losses agree only to float rounding noise). Only the
-last checkpoint (plus the edge-map ones for seed 0) is kept.
+already compares all arms. ``--jobs N`` trains N runs at a time in child
+processes (``--shard i/N``, run k of the plan goes to shard k mod N), each
+with its share of the CPU threads; their logs go to ``RUN_DIR/shard<i>.log``.
+Resuming: a run with ``done.json`` is skipped; an unfinished run continues
+from its last readable checkpoint (losses, AP curve and data order as if it
+had not stopped; the steps after that checkpoint are trained again); a run
+without a checkpoint starts again. Only the last checkpoint (plus the
+edge-map ones for seed 0) is kept when a run is done.
 """
 
 import argparse
 import ast
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 
@@ -56,12 +66,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow start-up 
 ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DEFAULT_BUILTIN_DIR = os.path.join(ROOT_DIR, "data", "builtin-coco")
 
-try:                      # imported as samples.edge_study.study (the tests)
-    from . import analysis as S
-except ImportError:       # run as a script: the analysis module sits next to it
-    import analysis as S  # noqa: E402
+if ROOT_DIR not in sys.path:   # run as a script: import this package by its full name
+    sys.path.insert(0, ROOT_DIR)
+from samples.edge_study import analysis as S  # noqa: E402
+from samples.edge_study.report import build_report  # noqa: E402
 from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
+from mrcnn.evaluation import COCO_DETECTION  # noqa: E402
 from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
+from mrcnn.stages import TRAINING_MODES, epoch_plan, stage_overrides  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
 
 CONFIGS = {"CpuConfig": CpuConfig, "CocoConfig": CocoConfig}
@@ -80,6 +92,17 @@ def _positive_int(value):
     if n < 1:
         raise argparse.ArgumentTypeError(f"{value!r} must be a positive integer")
     return n
+
+
+def _shard(text):
+    """"I/N" -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N")
+    return i, n
 
 
 def _config_override(text):
@@ -109,17 +132,22 @@ def build_parser():
                      help=f"arms to run (default: %(default)s); valid: {', '.join(S.ARMS)}")
     run.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default: 3)")
     run.add_argument("--steps", type=_positive_int, required=True, help="training steps per run")
-    run.add_argument("--epochs", type=_positive_int, default=5,
-                     help="epochs (= checkpoints) the steps are split into (default: 5)")
+    run.add_argument("--epochs", type=_positive_int, default=8,
+                     help="most epochs (= checkpoints = AP evaluations) the steps are split into "
+                          "(default: %(default)s; the largest divisor of --steps up to it)")
+    run.add_argument("--training-mode", choices=list(TRAINING_MODES), default="single",
+                     help="single: all layers, one stage (default); full/base/fine: the paper's stages "
+                          "(mrcnn.stages), all layers in each since the weights are random")
+    run.add_argument("--jobs", type=_positive_int, default=1,
+                     help="runs trained at a time, in child processes sharing the CPU cores (default: 1)")
+    run.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                     help="only the runs k of the plan with k %% N == I, no report (what --jobs starts)")
     run.add_argument("--dataset", default="builtin", metavar="builtin|DIR",
                      help="'builtin' (synthetic COCO-format data) or a COCO root folder")
     run.add_argument("--year", choices=["2014", "2017"], default="2017")
     run.add_argument("--out", required=True, metavar="RUN_DIR", help="study folder")
     run.add_argument("--eval-limit", type=_positive_int, default=None, metavar="K",
                      help="evaluate on the first K val images (default: all built-in / 500 COCO)")
-    run.add_argument("--eval-min-confidence", type=float, default=0.05, metavar="S",
-                     help="DETECTION_MIN_CONFIDENCE for the COCO evaluation (default: %(default)s, "
-                          "as Detectron evaluates, and as coco.py evaluate does by default)")
     run.add_argument("--log-every", type=_positive_int, default=10, help="steps between loss rows")
     run.add_argument("--builtin-dir", default=DEFAULT_BUILTIN_DIR, metavar="DIR",
                      help="cache folder of the built-in data (default: %(default)s)")
@@ -143,8 +171,7 @@ def build_parser():
 
 def study_settings(args):
     """The settings every run of a study must share (stored in study.json)."""
-    epochs = min(args.epochs, args.steps)
-    steps_per_epoch = math.ceil(args.steps / epochs)
+    steps_per_epoch, plan = epoch_plan(args.training_mode, args.steps, args.epochs, from_scratch=True)
     builtin = args.dataset == "builtin"
     return {
         "dataset": "builtin" if builtin else os.path.abspath(args.dataset),
@@ -153,12 +180,12 @@ def study_settings(args):
                     if builtin else None),
         "config": "CpuConfig" if builtin else "CocoConfig",
         "overrides": {k: v for k, v in args.overrides},
-        "steps": steps_per_epoch * epochs, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+        "steps": args.steps, "epochs": plan[-1][1], "steps_per_epoch": steps_per_epoch,
+        "training_mode": args.training_mode, "stages": [list(stage) for stage in plan],
         "log_every": args.log_every,
         "eval_limit": args.eval_limit or (None if builtin else 500),
-        "eval_min_confidence": args.eval_min_confidence,
+        "detection": dict(COCO_DETECTION),
         "augment": not args.no_augment,
-        "layers": "all",
     }
 
 
@@ -168,20 +195,27 @@ def make_config(settings, arm, inference=False, **extra):
     base = CONFIGS[settings["config"]]
     attrs = dict(settings["overrides"])
     attrs.update(STEPS_PER_EPOCH=settings["steps_per_epoch"], VALIDATION_STEPS=0)
+    attrs.update(stage_overrides(settings["training_mode"]))
     attrs.update(S.arm_overrides(arm))
     if inference:
-        attrs.update(IMAGES_PER_GPU=1, GPU_COUNT=1)
+        attrs.update(IMAGES_PER_GPU=1, GPU_COUNT=1, **settings["detection"])
     attrs.update(extra)
     return type(base.__name__, (base,), attrs)()
 
 
-def prepare_data(settings):
-    """(train dataset, val dataset, val COCO) of the study, generating built-in data once."""
+def ensure_data(settings):
+    """The study's COCO-format root folder, generating the built-in data once
+    (the same cache and generator settings as coco.py)."""
     from mrcnn.synthetic_coco import ensure_builtin_coco
-    root = settings["dataset"]
-    if root == "builtin":     # the same cache and generator settings as coco.py
-        b = settings["builtin"]
-        root = ensure_builtin_coco(b["dir"], images=b["images"], year=settings["year"])
+    if settings["dataset"] != "builtin":
+        return settings["dataset"]
+    b = settings["builtin"]
+    return ensure_builtin_coco(b["dir"], images=b["images"], year=settings["year"])
+
+
+def prepare_data(settings):
+    """(train dataset, val dataset, val COCO) of the study."""
+    root = ensure_data(settings)
     train = load_coco_subset(root, "train", settings["year"])
     val_subset = "minival" if settings["dataset"] != "builtin" and settings["year"] == "2014" else "val"
     val, val_coco = load_coco_subset(root, val_subset, settings["year"], limit=settings["eval_limit"],
@@ -205,44 +239,47 @@ def load_or_start_study(out, settings, arms, seeds, command=None):
                              "use another --out")
         arms = list(dict.fromkeys(old["arms"] + list(arms)))
         seeds = max(old["seeds"], seeds)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"        # --jobs children write it at the same time
+    with open(tmp, "w") as f:
         json.dump({"settings": settings, "arms": list(arms), "seeds": seeds,
                    "command": command}, f, indent=1)
+    os.replace(tmp, path)
     return settings
 
 
 def prepare_run_dir(run_path):
-    """True when the run is finished (done.json); otherwise empty ``run_path``
-    (an interrupted run restarts from scratch) and return False."""
+    """State of a run folder: "done" (it has done.json), "resume" (it has a
+    readable checkpoint to continue from) or "new" (an unfinished run without
+    one is emptied: it starts again)."""
     if os.path.exists(os.path.join(run_path, "done.json")):
-        return True
+        return "done"
+    if last_checkpoint(run_path):
+        return "resume"
     if os.path.exists(run_path):
-        log.info("%s: unfinished run, deleting it and starting again", run_path)
+        log.info("%s: unfinished run without a checkpoint, starting it again", run_path)
         shutil.rmtree(run_path)
     os.makedirs(run_path)
-    return False
+    return "new"
+
+
+def last_checkpoint(run_path):
+    """The newest readable checkpoint in ``<run_path>/train`` (None if there is none);
+    a truncated one (killed while writing) is skipped with a warning."""
+    from mrcnn.checkpoints import is_readable_checkpoint
+    from mrcnn.runs import CHECKPOINT_RE
+    folder = os.path.join(run_path, "train")
+    names = sorted(n for n in os.listdir(folder) if CHECKPOINT_RE.search(n)) if os.path.isdir(folder) else []
+    for name in reversed(names):
+        path = os.path.join(folder, name)
+        if is_readable_checkpoint(path):
+            return path
+        log.warning("%s is unreadable (truncated?); trying the previous checkpoint", path)
+    return None
 
 
 # ---------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------
-
-def train_model(model, train_set, settings, seed):
-    """Train ``model`` for the study's epochs, layers="all", at the config's LR."""
-    c = model.config
-    return model.train(train_set, None, learning_rate=c.LEARNING_RATE, epochs=settings["epochs"],
-                       layers="all", augmentation="fliplr" if settings["augment"] else None,
-                       seed=seed, log_every=settings["log_every"])
-
-
-def evaluate_model(model, dataset, coco_gt):
-    """COCO metrics of an inference model on all images of ``dataset``:
-    {"bbox"|"segm"|"boundary": {AP, AP50, ...}} (mrcnn.evaluation)."""
-    from mrcnn import evaluation
-    results, _ = evaluation.detect_dataset(model, dataset)
-    ids = [dataset.image_info[i]["id"] for i in dataset.image_ids]
-    return evaluation.evaluate_all(coco_gt, results, image_ids=ids)
-
 
 def pick_instance(dataset, config, images=10):
     """A fixed validation instance for the edge maps: the largest non-crowd one in
@@ -306,32 +343,39 @@ def draw_edge_maps(settings, arm, checkpoints, val_set, save_path):
 
 
 def run_one(settings, arm, seed, run_path, train_set, val_set, val_coco):
-    """Train, evaluate and (seed 0) draw edge maps of one arm x seed; write done.json."""
+    """Train arm x seed with an AP evaluation after every epoch, continuing from
+    the run's last checkpoint if it has one; (seed 0) draw edge maps; write done.json."""
     import keras
     from mrcnn import model as modellib
-    from mrcnn.logs import read_table as read_csv
+    from mrcnn.evaluation import IOU_TYPES, PeriodicEvaluation
+    from mrcnn.logs import read_table, trim
+    from mrcnn.stages import train_stages
     keras.backend.clear_session()
     config = make_config(settings, arm)
+    epochs, spe = settings["epochs"], settings["steps_per_epoch"]
     keras.utils.set_random_seed(seed)     # same initial weights in every arm
     model = modellib.MaskRCNN("training", config, model_dir=run_path)
     model.log_dir = os.path.join(run_path, "train")
-    t0 = time.time()
-    train_model(model, train_set, settings, seed)
-    t_train = time.time() - t0
-    epochs, spe = settings["epochs"], settings["steps_per_epoch"]
-    last = model.checkpoint_path_for(epochs)
-    history = read_csv(os.path.join(model.log_dir, "history.csv"))
+    resume_from = last_checkpoint(run_path)
+    if resume_from:
+        model.load_weights(resume_from)   # continues in its folder after its epoch
+        trim(model.log_dir, model.epoch, model.epoch * spe)
+        log.info("%s seed %d: resuming after epoch %d/%d from %s", arm, seed, model.epoch, epochs, resume_from)
+    inference = modellib.MaskRCNN("inference", make_config(settings, arm, inference=True), model_dir=run_path)
+    curve = PeriodicEvaluation(inference, val_set, val_coco, log_dir=model.log_dir, progress=False)
+    curve.set_model(model.keras_model)
+    if model.epoch and model.epoch not in {r["epoch"] for r in curve.rows}:
+        curve.evaluate(model.epoch, model.epoch * spe)     # stopped between checkpoint and evaluation
+    train_stages(model, [tuple(stage) for stage in settings["stages"]], train_set, None, config.LEARNING_RATE,
+                 augmentation="fliplr" if settings["augment"] else None, seed=seed,
+                 log_every=settings["log_every"], custom_callbacks=[curve])
+    rows = sorted(curve.rows, key=lambda r: r["epoch"])
+    if not rows or rows[-1]["epoch"] != epochs:
+        raise RuntimeError(f"{run_path}: no evaluation of the last epoch {epochs} in ap_curve.csv")
+    metrics = {t: {k[len(t) + 1:]: v for k, v in rows[-1].items() if k.startswith(t + "_")} for t in IOU_TYPES}
+    history = read_table(os.path.join(model.log_dir, "history.csv"))
     ms = history["ms_per_step"]
     ms_per_step = float(np.median(ms[1:] if len(ms) > 1 else ms))   # epoch 1 includes tracing
-
-    t0 = time.time()
-    keras.backend.clear_session()
-    inference = modellib.MaskRCNN("inference", make_config(
-        settings, arm, inference=True, DETECTION_MIN_CONFIDENCE=settings["eval_min_confidence"]),
-        model_dir=run_path)
-    inference.load_weights(last)
-    metrics = evaluate_model(inference, val_set, val_coco)
-    t_eval = time.time() - t0
 
     t0, edge_maps = time.time(), None
     edge_epochs = sorted({1, (epochs + 1) // 2, epochs})
@@ -345,18 +389,52 @@ def run_one(settings, arm, seed, run_path, train_set, val_set, val_coco):
             os.remove(model.checkpoint_path_for(e))
     done = {"arm": arm, "seed": seed, "edge_loss": S.arm_overrides(arm), "settings": settings,
             "steps": settings["steps"], "log_every": settings["log_every"],
-            "steps_csv": os.path.join("train", "steps.csv"),
-            "checkpoint": os.path.relpath(last, run_path), "metrics": metrics,
+            "steps_csv": os.path.join("train", "steps.csv"), "ap_curve_csv": os.path.join("train", "ap_curve.csv"),
+            "checkpoint": os.path.relpath(model.checkpoint_path_for(epochs), run_path), "metrics": metrics,
             "eval_images": len(val_set.image_ids), "edge_maps": edge_maps,
-            "ms_per_step": ms_per_step,
-            "seconds": {"train": t_train, "evaluate": t_eval, "edge_maps": time.time() - t0}}
+            "ms_per_step": ms_per_step, "resumed": bool(resume_from),
+            "seconds": {"train": float(history["seconds"].sum()),
+                        "evaluate": float(sum(r.get("eval_seconds", 0.) for r in rows)),
+                        "edge_maps": time.time() - t0}}
     tmp = os.path.join(run_path, "done.json.tmp")
     with open(tmp, "w") as f:
         json.dump(done, f, indent=1)
     os.replace(tmp, os.path.join(run_path, "done.json"))
     log.info("%s seed %d: mask AP %.3f, boundary AP %.3f, %.0f ms/step, train %.0f s, eval %.0f s",
-             arm, seed, metrics["segm"]["AP"], metrics["boundary"]["AP"], ms_per_step, t_train, t_eval)
+             arm, seed, metrics["segm"]["AP"], metrics["boundary"]["AP"], ms_per_step,
+             done["seconds"]["train"], done["seconds"]["evaluate"])
     return done
+
+
+def run_children(args, plan):
+    """``--jobs N``: train the plan in N child processes (``--shard i/N``), each
+    with cores / N TensorFlow threads; wait for them with a progress bar."""
+    from tqdm import tqdm
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS=threads, TF_NUM_INTEROP_THREADS=threads)
+    children = []
+    for i in range(args.jobs):
+        log_path = os.path.join(args.out, f"shard{i}.log")
+        cmd = [sys.executable, os.path.abspath(__file__)] + args.argv + ["--jobs", "1", "--shard", f"{i}/{args.jobs}"]
+        with open(log_path, "a") as log_file:
+            children.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+        log.info("shard %d/%d: pid %d, log %s", i, args.jobs, children[-1].pid, log_path)
+    done = lambda: sum(os.path.exists(os.path.join(args.out, S.arm_dirname(a), f"seed{s}", "done.json"))  # noqa: E731
+                       for a, s in plan)
+    bar = tqdm(total=len(plan), initial=done(), desc="study", unit="run")
+    try:
+        while any(child.poll() is None for child in children):
+            time.sleep(5)
+            bar.update(done() - bar.n)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+        bar.close()
+    failed = [i for i, child in enumerate(children) if child.returncode != 0]
+    if failed:
+        raise SystemExit(f"shard(s) {failed} failed: see {os.path.join(args.out, 'shard<i>.log')}")
 
 
 def run_study(args):
@@ -366,20 +444,24 @@ def run_study(args):
     settings = load_or_start_study(args.out, study_settings(args), args.arms, args.seeds, command)
     plan = [(arm, seed) for seed in range(args.seeds) for arm in args.arms]
     paths = {(a, s): os.path.join(args.out, S.arm_dirname(a), f"seed{s}") for a, s in plan}
+    if args.shard:
+        plan = plan[args.shard[0]::args.shard[1]]
     todo = [(a, s) for a, s in plan if not os.path.exists(os.path.join(paths[a, s], "done.json"))]
-    log.info("study %s: %d runs, %d finished, %d to do (%d steps each)", args.out, len(plan),
-             len(plan) - len(todo), len(todo), settings["steps"])
-    if todo:
+    log.info("study %s: %d runs, %d finished, %d to do (%d steps each, %s)", args.out, len(plan),
+             len(plan) - len(todo), len(todo), settings["steps"], settings["training_mode"])
+    if todo and args.jobs > 1:
+        ensure_data(settings)                 # generated once, before the children read it
+        run_children(args, plan)
+    elif todo:
         train_set, val_set, val_coco = prepare_data(settings)
-    bar = tqdm(plan, desc="study", unit="run")
-    for arm, seed in bar:
-        bar.set_postfix_str(f"{arm} seed {seed}")
-        if prepare_run_dir(paths[arm, seed]):
-            log.info("%s seed %d: finished before, skipped", arm, seed)
-            continue
-        run_one(settings, arm, seed, paths[arm, seed], train_set, val_set, val_coco)
-    bar.close()
-    return S.build_report(args.out, fraction=args.smooth)
+        bar = tqdm(plan, desc="study", unit="run")
+        for arm, seed in bar:
+            bar.set_postfix_str(f"{arm} seed {seed}")
+            if prepare_run_dir(paths[arm, seed]) == "done":
+                continue
+            run_one(settings, arm, seed, paths[arm, seed], train_set, val_set, val_coco)
+        bar.close()
+    return None if args.shard else build_report(args.out, fraction=args.smooth)
 
 
 def main(argv=None):
@@ -391,10 +473,11 @@ def main(argv=None):
             print(f"{name:26} {S.describe_arm(name)}")
         return None
     if args.command == "report":
-        report = S.build_report(args.run_dir, fraction=args.smooth)
+        report = build_report(args.run_dir, fraction=args.smooth)
     else:
         report = run_study(args)
-    print(f"report: {report['markdown']}, {report['csv']}")
+    if report:
+        print(f"report: {report['markdown']}, {report['csv']}")
     return report
 
 
