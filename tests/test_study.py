@@ -185,6 +185,9 @@ def test_report_on_synthetic_runs(tmp_path):
     sobel_line = next(line for line in md.splitlines() if line.startswith("| sobel | 26.0 ± 1.41"))
     assert sobel_line.count("20.") >= 2                      # SU of L_MRCNN and L_mask ~ 20%
     assert "Smoothing (paper 5.2" not in md                  # no smoothing arm ran
+    su_line = next(line for line in md.splitlines() if line.startswith("| sobel | +20."))
+    assert su_line.endswith("(2/2) |")                       # SU of L_mask with its interval, 2 of 2 seeds
+    assert "| laplace | n/a (0/2) | n/a (0/2) |" in md
     assert os.path.getsize(report["plots"]["filters"]) > 10000
 
 

@@ -18,7 +18,7 @@ import os
 from .analysis import (BASELINE, MASK_METRICS, TABLE_HEADER, _relative_coco, _table_cells, collect_runs,
                        format_mean_std, format_su, group_title, markdown_table, mean_std, shown_groups,
                        smooth_curve, summarize)
-from .ap_report import build_ap_report
+from .ap_report import build_ap_report, format_interval, t_interval
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,12 @@ def _markdown(run_dir, settings, runs, rows, groups, plots, windows, fraction, a
             "'per seed' = each seed against the baseline of the same seed. 'rel. COCO' = mean over "
             "AP, AP50, AP75, APs, APm, APl of (arm - baseline) / baseline (paper: +8.1% for Sobel).",
             ""]
+    su_rows = [[arm] + [_su_interval(row.get(f"SU {name} seeds")) for name in ("L_MRCNN", "L_mask")]
+               for arm, row in rows.items() if arm != BASELINE]
+    if su_rows:
+        out += ["SU per seed pair: mean [95% t interval] over the seeds whose arm reached the target "
+                "(k/n: k of n seeds reached it; the others are left out, which favours the arm).", "",
+                markdown_table(["Arm", "SU L_MRCNN", "SU L_mask"], su_rows), ""]
     if plots:
         out += ["## Loss curves (Figure 4 style)", ""]
         out += [f"![{g}]({os.path.basename(p)})" for g, p in plots.items()] + [""]
@@ -172,6 +178,13 @@ def _markdown(run_dir, settings, runs, rows, groups, plots, windows, fraction, a
             rel = os.path.relpath(os.path.join(d["path"], d["edge_maps"]), run_dir)
             out += [f"### {arm} (seed {d['seed']})", "", f"![{arm}]({rel})", ""]
     return "\n".join(out)
+
+
+def _su_interval(values):
+    if values is None:
+        return "–"
+    reached = [v for v in values if v is not None]
+    return f"{format_interval(t_interval(reached), suffix='%')} ({len(reached)}/{len(values)})"
 
 
 def _fmt(value, digits):
