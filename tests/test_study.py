@@ -188,6 +188,7 @@ def test_report_on_synthetic_runs(tmp_path):
     su_line = next(line for line in md.splitlines() if line.startswith("| sobel | +20."))
     assert su_line.endswith("(2/2) |")                       # SU of L_mask with its interval, 2 of 2 seeds
     assert "| laplace | n/a (0/2) | n/a (0/2) |" in md
+    assert "Compute: 6 finished runs, 0 training steps; 0.01 h of training" in md    # 6 x 5 s
     assert os.path.getsize(report["plots"]["filters"]) > 10000
 
 

@@ -123,6 +123,7 @@ def _markdown(run_dir, settings, runs, rows, groups, plots, windows, fraction, a
     out = [f"# Edge Agreement study: {os.path.basename(os.path.abspath(run_dir))}", ""]
     if settings:
         out += ["## Settings", "", "```", json.dumps(settings, indent=1, sort_keys=True), "```", ""]
+    out += [compute_line(runs), ""]
     out += list(ap_lines)
     out += ["COCO mask metrics (segm) and Boundary AP in percent, mean ± std over seeds "
             "(sample std; '(k/n)': only k of n seeds had a value, e.g. no object of that size). "
@@ -178,6 +179,17 @@ def _markdown(run_dir, settings, runs, rows, groups, plots, windows, fraction, a
             rel = os.path.relpath(os.path.join(d["path"], d["edge_maps"]), run_dir)
             out += [f"### {arm} (seed {d['seed']})", "", f"![{arm}]({rel})", ""]
     return "\n".join(out)
+
+
+def compute_line(runs):
+    """One sentence: the finished runs and the time they took (sums over runs of
+    done.json's training, evaluation and edge-map seconds)."""
+    done = [d for seeds in runs.values() for d in seeds.values()]
+    total = {k: sum(float(d.get("seconds", {}).get(k) or 0) for d in done) for k in ("train", "evaluate", "edge_maps")}
+    steps = sum(int(d.get("steps") or 0) for d in done)
+    return (f"Compute: {len(done)} finished runs, {steps} training steps; {total['train'] / 3600:.2f} h of "
+            f"training, {total['evaluate'] / 60:.1f} min of evaluation, {total['edge_maps'] / 60:.1f} min of "
+            "edge maps (sums over runs; runs trained side by side share the CPU).")
 
 
 def _su_interval(values):
