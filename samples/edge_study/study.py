@@ -1,10 +1,10 @@
 """Re-run the paper's study: does the Edge Agreement Head give a better detector sooner?
 
     # Train and evaluate every arm x seed, then write the report (resumable):
-    python samples/edge_study/study.py run --arms baseline sobel --seeds 5 \
+    python samples/edge_study/study.py run --arms baseline sobel --seeds 5 \\
         --steps 6000 --epochs 8 --jobs 2 --out runs/edge-study-2
-    # The paper's three stages (heads, 4+, all at LR/10) instead of one:
-    python samples/edge_study/study.py run --arms baseline sobel --seeds 1 \
+    # The paper's three stages (from random weights: all layers in each, the last at LR/10):
+    python samples/edge_study/study.py run --arms baseline sobel --seeds 1 \\
         --steps 6000 --epochs 8 --training-mode full --out runs/edge-study-2-full
     # (Re)write report.md, report.csv and the plots of a study folder:
     python samples/edge_study/study.py report runs/edge-study-2
