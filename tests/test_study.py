@@ -216,6 +216,7 @@ def test_report_pairs_ap_by_seed_with_intervals_and_su_on_ap(tmp_path):
     assert "## AP during training, paired by seed" in md and "![SU on AP](su_on_ap.png)" in md
     sobel_line = next(line for line in md.splitlines() if line.startswith("| sobel | 4 |"))
     assert "+2.0 [" in sobel_line and "]*" in sobel_line
+    assert "| 1 | 26.5 / 21.2 | 25.0 / 20.0 |" in md          # seed 1: sobel 0.265, baseline 0.25
     assert os.path.getsize(os.path.join(run_dir, "ap_curves.png")) > 10000
     assert os.path.getsize(os.path.join(run_dir, "su_on_ap.png")) > 10000
 

@@ -303,6 +303,11 @@ def markdown_section(rows, curves, plots):
         body = [[arm] + [f"{100 * m[1][list(m[0]).index(t)]:.1f}" if t in m[0] else "" for t in steps]
                 for arm, m in means.items()]
         out += [A.markdown_table(["Arm"] + [str(int(t)) for t in steps], body), ""]
+    seeds = sorted(set().union(*(row["seeds"] for row in rows.values())))
+    out += ["Final mask AP / Boundary AP (%) per seed:", ""]
+    body = [[str(s)] + [f"{100 * row['final']['mask AP'][s]:.1f} / {100 * row['final']['Boundary AP'][s]:.1f}"
+                        if s in row["final"]["mask AP"] else "" for row in rows.values()] for s in seeds]
+    out += [A.markdown_table(["seed"] + list(rows), body), ""]
     out += [f"![{name}]({os.path.basename(p)})" for name, p in plots.items()] + [""]
     return out
 
