@@ -217,6 +217,8 @@ def test_report_pairs_ap_by_seed_with_intervals_and_su_on_ap(tmp_path):
     sobel_line = next(line for line in md.splitlines() if line.startswith("| sobel | 4 |"))
     assert "+2.0 [" in sobel_line and "]*" in sobel_line
     assert "| 1 | 26.5 / 21.2 | 25.0 / 20.0 |" in md          # seed 1: sobel 0.265, baseline 0.25
+    rel_line = next(line for line in md.splitlines() if line.startswith("| sobel | +8.2% ["))
+    assert rel_line.count("+8.2% [") == 4      # +0.02 / 0.2425; the fake metrics are multiples of mask AP
     assert os.path.getsize(os.path.join(run_dir, "ap_curves.png")) > 10000
     assert os.path.getsize(os.path.join(run_dir, "su_on_ap.png")) > 10000
 
