@@ -310,14 +310,16 @@ def markdown_section(rows, curves, plots):
                 continue
             cells = [arm]
             for name in metrics:
-                iv, ref = row["diff"].get(name), A.mean_std(list(base["final"][name].values()))[0]
+                same_seeds = [v for seed, v in base["final"][name].items() if seed in row["final"][name]]
+                iv, ref = row["diff"].get(name), A.mean_std(same_seeds)[0]
                 cells.append("n/a" if iv is None or not ref else format_interval(
                     Interval(iv.mean / ref, None if iv.low is None else iv.low / ref,
                              None if iv.high is None else iv.high / ref, iv.n), suffix="%"))
             body.append(cells)
         if body:
             out += ["Relative change against the baseline's mean (the paper's way of quoting: +7% mask AP, "
-                    "+12% AP75 for Sobel): paired difference / baseline mean, with its interval.", "",
+                    "+12% AP75 for Sobel): paired difference / the baseline's mean over the same seeds, "
+                    "with its interval.", "",
                     A.markdown_table(["Arm"] + [f"rel. {m}" for m in metrics], body), ""]
     means = mean_curves(curves, "mask AP")
     steps = sorted(set().union(*(set(m[0].tolist()) for m in means.values()))) if means else []
