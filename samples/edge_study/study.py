@@ -359,7 +359,7 @@ def run_one(settings, arm, seed, run_path, train_set, val_set, val_coco):
     resume_from = last_checkpoint(run_path)
     if resume_from:
         model.load_weights(resume_from)   # continues in its folder after its epoch
-        trim(model.log_dir, model.epoch, model.epoch * spe)
+        trim(model.log_dir, model.epoch, model.epoch * spe)   # before the curve is read below (train() trims too)
         log.info("%s seed %d: resuming after epoch %d/%d from %s", arm, seed, model.epoch, epochs, resume_from)
     inference = modellib.MaskRCNN("inference", make_config(settings, arm, inference=True), model_dir=run_path)
     curve = PeriodicEvaluation(inference, val_set, val_coco, log_dir=model.log_dir, progress=False)
