@@ -149,17 +149,18 @@ def describe_arm(name):
 CURVES = {"L_MRCNN": "mrcnn_loss", "L_mask": "mrcnn_mask_loss", "L_edge": "mrcnn_mask_edge_loss"}
 
 
-def read_curves(steps_csv, log_every=None):
-    """Loss curves of one run: {curve name: (steps [n], values [n])} from a steps.csv.
+def read_curves(path, log_every=None, columns=None):
+    """Curves of one run's CSV log: {curve name: (steps [n], values [n])}.
 
-    Rows are sorted by step, a repeated step keeps its last row, and with
-    ``log_every`` only steps on the grid ``step % log_every == 0`` are kept
-    (when at least two are). Curves whose column is absent are left out.
+    ``columns``: {curve name: column} (default ``CURVES``, the losses of a
+    steps.csv). Rows are sorted by step, a repeated step keeps its last row,
+    and with ``log_every`` only steps on the grid ``step % log_every == 0``
+    are kept (when at least two are). Curves whose column is absent are left out.
     """
     from mrcnn.logs import read_table as read_csv
-    table = read_csv(steps_csv)
+    table = read_csv(path)
     if not table:
-        raise ValueError(f"{steps_csv}: no rows")
+        raise ValueError(f"{path}: no rows")
     steps = table["step"]
     last = {int(s): i for i, s in enumerate(steps)}
     order = np.array([last[s] for s in sorted(last)])
@@ -168,7 +169,7 @@ def read_curves(steps_csv, log_every=None):
         if len(grid) >= 2:
             order = grid
     return {name: (steps[order].astype(np.float64), table[col][order].astype(np.float64))
-            for name, col in CURVES.items() if col in table}
+            for name, col in (columns or CURVES).items() if col in table}
 
 
 def default_window(n_points, fraction=0.1):
@@ -240,17 +241,22 @@ def speedup_factor(baseline, arm, window=None, fraction=0.1):
     return SpeedUp(su, t_arm, t_base, target)
 
 
-def average_curves(curves):
-    """Mean of several curves on the steps they all have: list of (steps, values) -> curve."""
+def stack_curves(curves):
+    """Curves on the steps they all have: list of (steps, values) -> (common steps [n], values [k, n])."""
     if not curves:
-        raise ValueError("average_curves: no curves")
+        raise ValueError("stack_curves: no curves")
     common = curves[0][0]
     for steps, _ in curves[1:]:
         common = np.intersect1d(common, steps)
     if len(common) == 0:
-        raise ValueError("average_curves: the curves share no step")
-    stacked = [values[np.searchsorted(steps, common)] for steps, values in curves]
-    return common.astype(np.float64), np.mean(stacked, axis=0)
+        raise ValueError("stack_curves: the curves share no step")
+    return common.astype(np.float64), np.stack([values[np.searchsorted(steps, common)] for steps, values in curves])
+
+
+def average_curves(curves):
+    """Mean of several curves on the steps they all have: list of (steps, values) -> curve."""
+    common, stacked = stack_curves(curves)
+    return common, stacked.mean(axis=0)
 
 
 # ---------------------------------------------------------------------------

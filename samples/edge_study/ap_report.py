@@ -121,21 +121,10 @@ def su_on_ap(base, arm):
 # ---------------------------------------------------------------------------
 
 def read_ap_curve(path):
-    """{report metric name: (steps [n], values [n])} of an ap_curve.csv, sorted
-    by step (a repeated step keeps its last row); -1 (no ground truth) -> NaN."""
-    from mrcnn.logs import read_table
-    table = read_table(path)
-    if not table:
-        raise ValueError(f"{path}: no rows")
-    last = {int(s): i for i, s in enumerate(table["step"])}
-    order = np.array([last[s] for s in sorted(last)])
-    steps = table["step"][order]
-    out = {}
-    for name, column in AP_METRICS.items():
-        if column in table:
-            values = table[column][order].astype(np.float64)
-            out[name] = (steps, np.where(values < 0, np.nan, values))
-    return out
+    """{report metric name: (steps [n], values [n])} of an ap_curve.csv
+    (``analysis.read_curves``); -1 (no ground truth) -> NaN."""
+    return {name: (steps, np.where(values < 0, np.nan, values))
+            for name, (steps, values) in A.read_curves(path, columns=AP_METRICS).items()}
 
 
 def collect_curves(runs):
@@ -154,25 +143,21 @@ def summarize_ap(curves, confidence=0.95):
     ``final`` {seed: value} and ``diff`` (paired :class:`Interval`, None for
     the baseline), per SU metric ``su`` {seed: APSpeedUp} and ``su interval``,
     and ``boundary/mask diff``: the paired difference of Boundary AP / mask AP."""
+    finals = {arm: {name: {s: float(c[name][1][-1]) for s, c in by_seed.items() if name in c}
+                    for name in AP_METRICS} for arm, by_seed in curves.items()}
+    ratios = {arm: {s: f["Boundary AP"][s] / v for s, v in f["mask AP"].items() if v > 0}
+              for arm, f in finals.items()}
     base = curves.get(A.BASELINE, {})
     rows = {}
     for arm in A._arm_order(curves):
-        by_seed = curves[arm]
-        row = {"arm": arm, "seeds": sorted(by_seed), "final": {}, "diff": {}, "su": {}, "su interval": {}}
-        for name in AP_METRICS:
-            row["final"][name] = {s: float(c[name][1][-1]) for s, c in by_seed.items() if name in c}
-            if arm != A.BASELINE and base:
-                base_final = {s: float(c[name][1][-1]) for s, c in base.items() if name in c}
-                row["diff"][name] = paired_interval(row["final"][name], base_final, confidence)
-        ratio = {s: c["Boundary AP"][1][-1] / c["mask AP"][1][-1] for s, c in by_seed.items()
-                 if c["mask AP"][1][-1] > 0}
-        row["boundary/mask"] = ratio
+        row = {"arm": arm, "seeds": sorted(curves[arm]), "final": finals[arm], "diff": {}, "su": {},
+               "su interval": {}, "boundary/mask": ratios[arm]}
         if arm != A.BASELINE and base:
-            base_ratio = {s: c["Boundary AP"][1][-1] / c["mask AP"][1][-1] for s, c in base.items()
-                          if c["mask AP"][1][-1] > 0}
-            row["boundary/mask diff"] = paired_interval(ratio, base_ratio, confidence)
+            row["diff"] = {name: paired_interval(finals[arm][name], finals[A.BASELINE][name], confidence)
+                           for name in AP_METRICS}
+            row["boundary/mask diff"] = paired_interval(ratios[arm], ratios[A.BASELINE], confidence)
             for name in SU_METRICS:
-                row["su"][name] = {s: su_on_ap(base[s][name], c[name]) for s, c in by_seed.items() if s in base}
+                row["su"][name] = {s: su_on_ap(base[s][name], c[name]) for s, c in curves[arm].items() if s in base}
                 row["su interval"][name] = t_interval([v.su for v in row["su"][name].values()], confidence)
         rows[arm] = row
     return rows
@@ -184,13 +169,9 @@ def mean_curves(curves, name):
     out = {}
     for arm, by_seed in curves.items():
         runs = [c[name] for c in by_seed.values() if name in c]
-        if not runs:
-            continue
-        common = runs[0][0]
-        for steps, _ in runs[1:]:
-            common = np.intersect1d(common, steps)
-        stacked = np.stack([values[np.searchsorted(steps, common)] for steps, values in runs])
-        out[arm] = (common, np.nanmean(stacked, 0), np.nanmin(stacked, 0), np.nanmax(stacked, 0))
+        if runs:
+            common, stacked = A.stack_curves(runs)
+            out[arm] = (common, np.nanmean(stacked, 0), np.nanmin(stacked, 0), np.nanmax(stacked, 0))
     return out
 
 
