@@ -66,11 +66,21 @@ def find_last(model_dir, config):
     dirs = sorted(d for d in os.listdir(model_dir)
                   if run_dir.fullmatch(d) and os.path.isdir(os.path.join(model_dir, d)))
     for d in reversed(dirs):
-        checkpoints = sorted(
-            path for path in glob.glob(os.path.join(model_dir, d, f"mask_rcnn_{name}_*.weights.h5"))
-            if (m := CHECKPOINT_RE.search(os.path.basename(path))) and m.group("name") == name)
-        for path in reversed(checkpoints):
-            if is_readable_checkpoint(path):
-                return path
-            log.warning("find_last: %s is unreadable (truncated?); trying the previous checkpoint", path)
+        path = last_checkpoint_in(os.path.join(model_dir, d), name)
+        if path:
+            return path
     raise FileNotFoundError(f"no readable checkpoint mask_rcnn_{name}_NNNN.weights.h5 under {model_dir!r}")
+
+
+def last_checkpoint_in(log_dir, name=None):
+    """Path of the newest readable checkpoint in one run folder (of NAME ``name``
+    in lower case, or of any NAME), None if there is none. Unreadable
+    (truncated) checkpoints are skipped with a warning."""
+    checkpoints = sorted(
+        path for path in glob.glob(os.path.join(glob.escape(log_dir), "mask_rcnn_*.weights.h5"))
+        if (m := CHECKPOINT_RE.search(os.path.basename(path))) and name in (None, m.group("name")))
+    for path in reversed(checkpoints):
+        if is_readable_checkpoint(path):
+            return path
+        log.warning("%s is unreadable (truncated?); trying the previous checkpoint", path)
+    return None

@@ -263,18 +263,9 @@ def prepare_run_dir(run_path):
 
 
 def last_checkpoint(run_path):
-    """The newest readable checkpoint in ``<run_path>/train`` (None if there is none);
-    a truncated one (killed while writing) is skipped with a warning."""
-    from mrcnn.checkpoints import is_readable_checkpoint
-    from mrcnn.runs import CHECKPOINT_RE
-    folder = os.path.join(run_path, "train")
-    names = sorted(n for n in os.listdir(folder) if CHECKPOINT_RE.search(n)) if os.path.isdir(folder) else []
-    for name in reversed(names):
-        path = os.path.join(folder, name)
-        if is_readable_checkpoint(path):
-            return path
-        log.warning("%s is unreadable (truncated?); trying the previous checkpoint", path)
-    return None
+    """The newest readable checkpoint in ``<run_path>/train`` (None if there is none)."""
+    from mrcnn.runs import last_checkpoint_in
+    return last_checkpoint_in(os.path.join(run_path, "train"))
 
 
 # ---------------------------------------------------------------------------
