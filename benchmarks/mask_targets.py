@@ -2,7 +2,7 @@
 
 For every ground-truth instance of the built-in images, the 28x28 mask target
 of an ROI is computed twice by the training graph's own code
-(``layers.detection_targets_graph``): from the full-resolution mask
+(``roi_sampling.detection_targets_graph``): from the full-resolution mask
 (``USE_MINI_MASK = False``) and from the mini mask (``USE_MINI_MASK = True``,
 ``MINI_MASK_SHAPE`` 56x56, matterport's default). The ROIs are the GT box and
 jittered copies of it (IoU >= 0.5, as positive ROIs are). Printed: mean IoU
@@ -59,7 +59,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import tensorflow as tf
-    from mrcnn import layers, utils
+    from mrcnn import utils
+    from mrcnn.roi_sampling import TargetSettings, detection_targets_graph
     from mrcnn.presets import CpuConfig
     from mrcnn.synthetic import SyntheticShapesDataset
 
@@ -104,8 +105,9 @@ def main(argv=None):
             gm[0, :, :, :n] = stored
             proposals = np.zeros((1, config.POST_NMS_ROIS_TRAINING, 4), np.float32)
             proposals[0, :len(rois)] = rois
-            out_rois, ids, _, targets = layers.detection_targets_graph(
-                tf.constant(proposals), tf.constant(gt_ids), tf.constant(gt_boxes), tf.constant(gm), config)
+            out_rois, ids, _, targets = detection_targets_graph(
+                tf.constant(proposals), tf.constant(gt_ids), tf.constant(gt_boxes), tf.constant(gm),
+                TargetSettings.for_config(config))
             out_rois, targets = out_rois.numpy()[0], targets.numpy()[0] > 0.5
             ids = ids.numpy()[0]
             order = np.lexsort(out_rois.T[::-1])      # the sampling order is random: sort by box

@@ -86,16 +86,32 @@ def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, an
     return np.concatenate(anchors, axis=0)
 
 
+def anchor_spec(config, image_shape=None):
+    """The fields that define the anchors of ``config`` (for ``image_shape``,
+    default ``config.IMAGE_SHAPE``), as a plain dict of lists: layers store
+    this instead of the anchors themselves (``anchors_from_spec``)."""
+    shape = config.IMAGE_SHAPE if image_shape is None else image_shape
+    return {"scales": [float(s) for s in config.RPN_ANCHOR_SCALES],
+            "ratios": [float(r) for r in config.RPN_ANCHOR_RATIOS],
+            "strides": [int(s) for s in config.BACKBONE_STRIDES],
+            "anchor_stride": int(config.RPN_ANCHOR_STRIDE),
+            "image_shape": [int(s) for s in shape[:2]]}
+
+
+def anchors_from_spec(spec, normalized=True):
+    """Anchors [num_anchors, (y1, x1, y2, x2)] float32 of an ``anchor_spec``
+    (normalized or pixels; cached, read-only)."""
+    return _anchors(tuple(spec["scales"]), tuple(spec["ratios"]), tuple(spec["strides"]),
+                    int(spec["anchor_stride"]), tuple(int(s) for s in spec["image_shape"][:2]), bool(normalized))
+
+
 def get_anchors(config, image_shape=None, normalized=True):
     """All anchors of the pyramid for ``image_shape`` (default ``config.IMAGE_SHAPE``).
 
     Returns [num_anchors, (y1, x1, y2, x2)] float32, normalized (``normalized=True``)
     or in pixels.
     """
-    shape = tuple(int(s) for s in (config.IMAGE_SHAPE if image_shape is None else image_shape)[:2])
-    return _anchors(tuple(config.RPN_ANCHOR_SCALES), tuple(config.RPN_ANCHOR_RATIOS),
-                    tuple(config.BACKBONE_STRIDES), int(config.RPN_ANCHOR_STRIDE),
-                    shape, bool(normalized))
+    return anchors_from_spec(anchor_spec(config, image_shape), normalized)
 
 
 @functools.lru_cache(maxsize=8)

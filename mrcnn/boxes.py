@@ -189,11 +189,52 @@ def box_refinement(box, gt_box):
 
 
 ############################################################
-#  Box normalization
+#  Normalized boxes: the one definition of the convention
 ############################################################
+#
+# Inside the graph boxes are normalized (matterport's convention): a pixel box
+# (y1, x1, y2, x2) with an exclusive bottom-right becomes
+#
+#     ((y1, x1, y2 - 1, x2 - 1) - 0) / (h - 1, w - 1, h - 1, w - 1)
+#
+# i.e. the centres of its first and last pixel rows/columns on a scale where
+# the image's first and last pixel centres are 0 and 1. Its continuous extent
+# (pixel i covers [i, i + 1)) is therefore
+#
+#     normalized * (h - 1, w - 1, h - 1, w - 1) + (0, 0, 1, 1)
+#
+# (``continuous_boxes``). Every box geometry of the graph (IoU for sampling,
+# box deltas, RoIAlign) uses that continuous extent, so a box one pixel tall,
+# whose normalized height is 0, still has a height of one pixel.
+# ``normalize_boxes`` and ``continuous_boxes`` are plain arithmetic, so they
+# take NumPy arrays and tensors alike (``image_hw`` must be static).
+
+def _normalization(image_hw):
+    """(shift, scale) float32 [4] of ``normalized = (pixels - shift) / scale``."""
+    h, w = float(image_hw[0]), float(image_hw[1])
+    return (np.array([0., 0., 1., 1.], np.float32),
+            np.array([h - 1., w - 1., h - 1., w - 1.], np.float32))
+
+
+def normalize_boxes(boxes, image_hw):
+    """Pixel boxes [..., (y1, x1, y2, x2)] (exclusive bottom-right, or a
+    continuous extent) on an image of ``image_hw`` -> normalized, unrounded;
+    an array or a tensor."""
+    shift, scale = _normalization(image_hw)
+    return (boxes - shift) / scale
+
+
+def continuous_boxes(boxes, image_hw):
+    """Normalized boxes [..., 4] -> their continuous pixel extent
+    [..., (y1, x1, y2, x2)] on an image of ``image_hw``: the inverse of
+    ``normalize_boxes``; an array or a tensor."""
+    shift, scale = _normalization(image_hw)
+    return boxes * scale + shift
+
 
 def norm_boxes(boxes, shape):
-    """Converts boxes from pixel coordinates to normalized coordinates.
+    """Converts boxes from pixel coordinates to normalized coordinates
+    (matterport's function; see ``normalize_boxes``).
 
     boxes: [N, (y1, x1, y2, x2)] in pixel coordinates
     shape: (height, width[, ...]) in pixels
@@ -203,21 +244,16 @@ def norm_boxes(boxes, shape):
 
     Returns: [N, (y1, x1, y2, x2)] float32 normalized coordinates
     """
-    h, w = shape[:2]
-    scale = np.array([h - 1, w - 1, h - 1, w - 1], dtype=np.float64)
-    shift = np.array([0, 0, 1, 1], dtype=np.float64)
-    return np.divide(np.asarray(boxes, dtype=np.float64) - shift, scale).astype(np.float32)
+    return normalize_boxes(np.asarray(boxes, dtype=np.float64), shape[:2]).astype(np.float32)
 
 
 def denorm_boxes(boxes, shape):
-    """Converts boxes from normalized coordinates to pixel coordinates.
+    """Converts boxes from normalized coordinates to pixel coordinates
+    (matterport's function; see ``continuous_boxes``).
 
     boxes: [N, (y1, x1, y2, x2)] in normalized coordinates
     shape: (height, width[, ...]) in pixels
 
     Returns: [N, (y1, x1, y2, x2)] int32 pixel coordinates (rounded).
     """
-    h, w = shape[:2]
-    scale = np.array([h - 1, w - 1, h - 1, w - 1], dtype=np.float64)
-    shift = np.array([0, 0, 1, 1], dtype=np.float64)
-    return np.around(np.asarray(boxes, dtype=np.float64) * scale + shift).astype(np.int32)
+    return np.around(continuous_boxes(np.asarray(boxes, dtype=np.float64), shape[:2])).astype(np.int32)

@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn import utils
-from mrcnn.data import as_image_list, mold_inputs
+from mrcnn.boxes import continuous_boxes
+from mrcnn.molding import as_image_list, mold_inputs
 from mrcnn.losses import select_class_masks
 
 
@@ -100,8 +101,7 @@ def unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape,
     else:
         masks = mrcnn_mask[keep]
     # Normalized molded frame -> continuous molded pixels -> original pixels.
-    mh, mw = image_shape[:2]
-    boxes = detections[keep, :4] * [mh - 1, mw - 1, mh - 1, mw - 1] + [0, 0, 1, 1]
+    boxes = continuous_boxes(detections[keep, :4], image_shape[:2])
     wy1, wx1, wy2, wx2 = (float(v) for v in window)
     oh, ow = original_image_shape[:2]
     scale = np.array([(wy2 - wy1) / oh, (wx2 - wx1) / ow] * 2)

@@ -42,6 +42,42 @@ def np_apply_deltas(boxes, deltas, clamp=None):
     return np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], axis=1)
 
 
+def np_decode(boxes, deltas, image_hw, clamp=None):
+    """The graph's box decoding, written out: normalized boxes -> continuous
+    pixel extent (y1 (H - 1) .. y2 (H - 1) + 1) -> ``np_apply_deltas`` -> at
+    least one pixel tall and wide (centre kept) -> normalized (float64)."""
+    H, W = image_hw
+    scale = np.array([H - 1, W - 1, H - 1, W - 1], np.float64)
+    shift = np.array([0, 0, 1, 1], np.float64)
+    px = np_apply_deltas(np.asarray(boxes, np.float64).reshape(-1, 4) * scale + shift, deltas, clamp)
+    c = (px[:, :2] + px[:, 2:]) / 2
+    half = np.maximum(px[:, 2:] - px[:, :2], 1.) / 2
+    return (np.concatenate([c - half, c + half], axis=1) - shift) / scale
+
+
+def np_encode(boxes, gt_boxes, image_hw):
+    """Deltas (dy, dx, log dh, log dw) from normalized ``boxes`` to ``gt_boxes`` on
+    their continuous pixel extents (float64)."""
+    H, W = image_hw
+    scale = np.array([H - 1, W - 1, H - 1, W - 1], np.float64)
+    shift = np.array([0, 0, 1, 1], np.float64)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4) * scale + shift
+    g = np.asarray(gt_boxes, np.float64).reshape(-1, 4) * scale + shift
+    h, w = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    gh, gw = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+    return np.stack([(g[:, 0] + gh / 2 - b[:, 0] - h / 2) / h, (g[:, 1] + gw / 2 - b[:, 1] - w / 2) / w,
+                     np.log(gh / h), np.log(gw / w)], axis=1)
+
+
+def np_pixel_iou(a, b, image_hw):
+    """``np_iou`` of normalized boxes on their continuous pixel extents."""
+    H, W = image_hw
+    scale = np.array([H - 1, W - 1, H - 1, W - 1], np.float64)
+    shift = np.array([0, 0, 1, 1], np.float64)
+    return np_iou(np.asarray(a, np.float64).reshape(-1, 4) * scale + shift,
+                  np.asarray(b, np.float64).reshape(-1, 4) * scale + shift)
+
+
 def np_continuous(box, image_hw):
     """Normalized box -> continuous pixel extent (Y1, X1, Y2, X2): y1 (H - 1) .. y2 (H - 1) + 1."""
     H, W = image_hw

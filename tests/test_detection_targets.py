@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mrcnn import layers, utils
+from mrcnn import utils
+from mrcnn.roi_sampling import DetectionTargetLayer, TargetSettings, detection_targets_graph, positive_rois
 
-from numpy_reference import (np_iou, np_apply_deltas, np_continuous, px_box, np_crop_and_resize,
+from numpy_reference import (np_decode, np_pixel_iou, np_continuous, px_box, np_crop_and_resize,
                               np_sample_points, random_norm_boxes)
 from tiny import TinyConfig
 
@@ -135,7 +136,7 @@ def _target_inputs(mini, N=40, seed=0):
     for p in near:
         if p[2] <= p[0] or p[3] <= p[1]:
             continue
-        iou = np_iou(p, gt_boxes[:2])[0]
+        iou = np_pixel_iou(p, gt_boxes[:2], IMG)[0]
         if iou.max() >= 0.5:
             g = iou.argmax()
             _, amb = np_mask_target(masks[:, :, g], p, gt_boxes[g], cfg.MASK_SHAPE, mini, "aligned")
@@ -157,8 +158,10 @@ def _target_inputs(mini, N=40, seed=0):
 
 def _run_targets(cfg, inputs, **kwargs):
     proposals, gt_ids, gt_boxes, gt_masks = inputs
-    layer = layers.DetectionTargetLayer(cfg, **kwargs)
-    outs = layer([tf.constant(proposals), tf.constant(gt_ids), tf.constant(gt_boxes), tf.constant(gt_masks)])
+    keys = kwargs.pop("keys", None)
+    layer = DetectionTargetLayer.for_config(cfg, **kwargs)
+    args = [tf.constant(proposals), tf.constant(gt_ids), tf.constant(gt_boxes), tf.constant(gt_masks)]
+    outs = layer(args + ([tf.constant(keys)] if keys is not None else []))
     return [o.numpy() for o in outs]
 
 
@@ -174,7 +177,7 @@ def _check_targets(cfg, inputs, outputs):
     std = np.asarray(cfg.BBOX_STD_DEV)
     assert rois.shape == (B, T, 4) and ids.shape == (B, T) and deltas.shape == (B, T, 4)
     assert masks.shape == (B, P) + M
-    assert layers.positive_rois(cfg) == P
+    assert positive_rois(cfg) == P
     for arr in outputs:
         assert np.isfinite(arr).all()
     chosen = []
@@ -186,9 +189,9 @@ def _check_targets(cfg, inputs, outputs):
         if cfg.TRAIN_ROIS_INCLUDE_GT:
             cands += [tuple(float(v) for v in gt_boxes[b, g]) for g in obj]
         cand_arr = np.array(cands, np.float64).reshape(-1, 4)
-        iou = np_iou(cand_arr, gt_boxes[b, obj]) if len(obj) else np.zeros((len(cands), 0))
+        iou = np_pixel_iou(cand_arr, gt_boxes[b, obj], IMG) if len(obj) else np.zeros((len(cands), 0))
         max_iou = iou.max(axis=1, initial=-1)
-        crowd_iou = np_iou(cand_arr, gt_boxes[b, crowd]).max(axis=1, initial=0) if len(crowd) else 0 * max_iou
+        crowd_iou = np_pixel_iou(cand_arr, gt_boxes[b, crowd], IMG).max(axis=1, initial=0) if len(crowd) else 0 * max_iou
         pos_c = collections.Counter(c for c, m in zip(cands, max_iou) if m >= 0.5)
         neg_c = collections.Counter(c for c, m, ci in zip(cands, max_iou, crowd_iou) if m < 0.5 and ci < 0.001)
         r, c, d, m = rois[b], ids[b], deltas[b], masks[b]
@@ -207,10 +210,10 @@ def _check_targets(cfg, inputs, outputs):
         chosen.append([tuple(row) for row in r[:n_p]])
         # Class ids, box targets and mask targets of positives.
         for i in range(n_p):
-            g_iou = np_iou(r[i], gt_boxes[b, obj])[0]
+            g_iou = np_pixel_iou(r[i], gt_boxes[b, obj], IMG)[0]
             g = obj[g_iou.argmax()]
             assert c[i] == gt_ids[b, g], msg
-            decoded = np_apply_deltas(r[i:i + 1], d[i:i + 1] * std)[0]
+            decoded = np_decode(r[i:i + 1], d[i:i + 1] * std, IMG)[0]
             np.testing.assert_allclose(decoded, gt_boxes[b, g], atol=1e-5, err_msg=msg)
             values, amb = np_mask_target(gt_masks[b, :, :, g], r[i], gt_boxes[b, g], M, cfg.USE_MINI_MASK,
                                          cfg.ROI_ALIGN)
@@ -231,11 +234,11 @@ def test_detection_target_layer_rules_and_targets(mode, mini, include_gt):
     for jit in (False, True):  # JIT_COMPILE switches the mask sampler to "gather"
         cfg = target_config(ROI_ALIGN=mode, USE_MINI_MASK=mini, TRAIN_ROIS_INCLUDE_GT=include_gt,
                             JIT_COMPILE=jit)
-        P = layers.positive_rois(cfg)
+        P = positive_rois(cfg)
         proposals, gt_ids, gt_boxes, _ = inputs
-        iou0 = np_iou(proposals[0][proposals[0].any(-1)], gt_boxes[0, :2]).max(1)
+        iou0 = np_pixel_iou(proposals[0][proposals[0].any(-1)], gt_boxes[0, :2], IMG).max(1)
         assert (iou0 >= 0.5).sum() > P + 2, "image 0 needs more positive candidates than slots"
-        assert ((iou0 < 0.5) & (np_iou(proposals[0][proposals[0].any(-1)], GT_CROWD)[:, 0] >= 0.001)).any()
+        assert ((iou0 < 0.5) & (np_pixel_iou(proposals[0][proposals[0].any(-1)], GT_CROWD, IMG)[:, 0] >= 0.001)).any()
         runs = []
         for seed in (0, 1, 2):
             out = _run_targets(cfg, inputs, seed=seed)
@@ -268,13 +271,13 @@ def test_detection_targets_same_seed_same_sample():
         np.testing.assert_array_equal(x, y)
     # A SeedGenerator's state advances: a second call of the same layer samples anew.
     proposals, gt_ids, gt_boxes, gt_masks = inputs
-    layer = layers.DetectionTargetLayer(cfg, seed=7)
+    layer = DetectionTargetLayer.for_config(cfg, seed=7)
     args = [tf.constant(proposals), tf.constant(gt_ids), tf.constant(gt_boxes), tf.constant(gt_masks)]
     first = layer(args)[0].numpy()
     np.testing.assert_array_equal(first, a[0])
     assert any(not np.array_equal(layer(args)[0].numpy(), first) for _ in range(3))
     # detection_targets_graph with a keras SeedGenerator
-    out = layers.detection_targets_graph(*args, cfg, seed=keras.random.SeedGenerator(7))
+    out = detection_targets_graph(*args, TargetSettings.for_config(cfg), seed=keras.random.SeedGenerator(7))
     _check_targets(cfg, inputs, [o.numpy() for o in out])
 
 
@@ -311,7 +314,7 @@ def test_detection_targets_roi_equal_to_gt_box(mode, mini):
 def test_detection_targets_positive_slots_of_a_small_config():
     """P = max(1, int(T * ratio)); negatives fill all other slots (no 1:2 ratio)."""
     cfg = target_config(TRAIN_ROIS_PER_IMAGE=2, ROI_POSITIVE_RATIO=0.33, TRAIN_ROIS_INCLUDE_GT=True)
-    assert layers.positive_rois(cfg) == 1
+    assert positive_rois(cfg) == 1
     inputs = _target_inputs(True)
     outs = _run_targets(cfg, inputs, seed=0)
     _check_targets(cfg, inputs, outs)
@@ -364,3 +367,43 @@ def test_mask_targets_read_the_edge_pixel_at_the_mask_border(case):
     np.testing.assert_array_equal(values >= 0.5, inside)
     np.testing.assert_array_equal(tm[0, 0], inside.astype(np.float32),
                                   err_msg="row 0 of the target (bin centres inside the GT box) is 0")
+
+
+def test_keys_decide_the_sample_and_the_same_keys_give_the_same_sample():
+    """The random order among candidates comes from the keys input (the loader
+    draws them from the run's seed and step): same keys, same sample, on any
+    layer instance; other keys, another sample."""
+    inputs = _target_inputs(True)
+    cfg = TargetConfig()
+    K = inputs[0].shape[1] + (cfg.MAX_GT_INSTANCES if cfg.TRAIN_ROIS_INCLUDE_GT else 0)
+    rng = np.random.default_rng(0)
+    keys = [((rng.permutation(K) + 0.5) / K)[None].repeat(4, 0).astype(np.float32) for _ in range(3)]
+    a = _run_targets(cfg, inputs, keys=keys[0], seed=1)
+    b = _run_targets(cfg, inputs, keys=keys[0], seed=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    _check_targets(cfg, inputs, a)
+    others = [_run_targets(cfg, inputs, keys=k)[0] for k in keys[1:]]
+    assert any(not np.array_equal(o, a[0]) for o in others)
+
+
+def test_a_one_pixel_tall_ground_truth_box_is_a_positive():
+    """A GT box one pixel tall has normalized height 0; on pixel extents its
+    own box (a candidate with TRAIN_ROIS_INCLUDE_GT) matches it with IoU 1,
+    and its box targets are finite."""
+    cfg = target_config(USE_MINI_MASK=False, TRAIN_ROIS_INCLUDE_GT=True)
+    G = cfg.MAX_GT_INSTANCES
+    line = utils.norm_boxes(np.array([[20, 5, 21, 45]]), IMG)[0]     # rows 20..20, cols 5..44
+    assert line[0] == line[2]
+    proposals = np.zeros((1, 20, 4), np.float32)
+    proposals[0, 0] = utils.norm_boxes(np.array([[20, 6, 21, 44]]), IMG)[0]   # IoU 38/40 with it
+    gt_ids = np.zeros((1, G), np.int32)
+    gt_boxes = np.zeros((1, G, 4), np.float32)
+    masks = np.zeros((1,) + IMG + (G,), np.float32)
+    gt_ids[0, 0], gt_boxes[0, 0], masks[0, 20, 5:45, 0] = 2, line, 1
+    rois, ids, deltas, tm = _run_targets(cfg, (proposals, gt_ids, gt_boxes, masks), seed=0)
+    assert sorted(ids[0][ids[0] > 0].tolist()) == [2, 2]
+    assert np.isfinite(deltas).all()
+    for i in np.where(ids[0] > 0)[0]:
+        decoded = np_decode(rois[0, i:i + 1], deltas[0, i:i + 1] * np.asarray(cfg.BBOX_STD_DEV), IMG)[0]
+        np.testing.assert_allclose(decoded, line, atol=1e-5)

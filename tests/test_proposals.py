@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mrcnn import layers, utils
+from mrcnn import box_ops, utils
+from mrcnn.nms import batched_nms
+from mrcnn.proposals import ProposalLayer
 
-from numpy_reference import np_iou, np_apply_deltas, np_greedy_nms, random_norm_boxes, CLAMP
+from numpy_reference import np_iou, np_apply_deltas, np_decode, np_encode, np_greedy_nms, random_norm_boxes, CLAMP
+
+#: The image the normalized boxes of the proposal tests lie on.
+HW = (1024, 1024)
 
 
 # ---------------------------------------------------------------------------
@@ -22,9 +27,9 @@ def test_box_refinement_and_apply_deltas_round_trip_and_match_numpy(seed):
     rng = np.random.default_rng(seed)
     boxes = random_norm_boxes(rng, 50)
     gt = random_norm_boxes(rng, 50)
-    deltas = layers.box_refinement_graph(tf.constant(boxes), tf.constant(gt)).numpy()
+    deltas = box_ops.box_refinement_graph(tf.constant(boxes), tf.constant(gt)).numpy()
     assert deltas.shape == (50, 4)
-    decoded = layers.apply_box_deltas_graph(tf.constant(boxes), tf.constant(deltas)).numpy()
+    decoded = box_ops.apply_box_deltas_graph(tf.constant(boxes), tf.constant(deltas)).numpy()
     np.testing.assert_allclose(decoded, gt, atol=1e-5)
     # Graph vs the NumPy versions in utils (pixel-scale boxes, same maths).
     np.testing.assert_allclose(deltas, utils.box_refinement(boxes, gt), rtol=1e-4, atol=1e-5)
@@ -32,15 +37,15 @@ def test_box_refinement_and_apply_deltas_round_trip_and_match_numpy(seed):
     # ... and vs the float64 decode written here.
     np.testing.assert_allclose(decoded, np_apply_deltas(boxes, deltas), atol=1e-5)
     # A hand-made case: move the centre by half a height, double the width.
-    d = layers.box_refinement_graph(tf.constant([[0., 0., 2., 2.]]), tf.constant([[1., -1., 3., 3.]]))
+    d = box_ops.box_refinement_graph(tf.constant([[0., 0., 2., 2.]]), tf.constant([[1., -1., 3., 3.]]))
     np.testing.assert_allclose(d.numpy(), [[0.5, 0., 0., np.log(2.)]], atol=1e-6)
 
 
 def test_apply_box_deltas_clamps_log_sizes():
-    assert layers.BBOX_DELTA_CLAMP == pytest.approx(CLAMP, rel=1e-12)
+    assert box_ops.BBOX_DELTA_CLAMP == pytest.approx(CLAMP, rel=1e-12)
     boxes = np.array([[0.4, 0.4, 0.401, 0.402], [0.1, 0.2, 0.3, 0.5], [0.5, 0.5, 0.6, 0.6]], np.float32)
     deltas = np.array([[0.1, -0.2, 500., 1000.], [0., 0., 3.9, -2.], [0.3, 0.1, 1e30, 0.5]], np.float32)
-    got = layers.apply_box_deltas_graph(tf.constant(boxes), tf.constant(deltas)).numpy()
+    got = box_ops.apply_box_deltas_graph(tf.constant(boxes), tf.constant(deltas)).numpy()
     assert np.isfinite(got).all()
     expected = np_apply_deltas(boxes, deltas, clamp=CLAMP)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -48,6 +53,37 @@ def test_apply_box_deltas_clamps_log_sizes():
     assert (got[0, 2] - got[0, 0]) == pytest.approx(0.001 * 62.5, rel=1e-3)
     # Below the clamp nothing changes.
     np.testing.assert_allclose(got[1], np_apply_deltas(boxes[1:2], deltas[1:2])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (128, 96)])
+def test_encode_decode_use_pixel_extents_and_round_trip(hw):
+    """The graph's box coding works on continuous pixel extents: it matches the
+    float64 reference, round-trips, and a one-pixel-tall box (normalized height
+    0) has finite deltas and decodes back to itself."""
+    rng = np.random.default_rng(5)
+    boxes = random_norm_boxes(rng, 40)
+    gt = random_norm_boxes(rng, 40)
+    gt[0] = utils.norm_boxes(np.array([[10, 4, 11, 30]]), hw)[0]       # one pixel tall
+    gt[1] = utils.norm_boxes(np.array([[3, 7, 20, 8]]), hw)[0]         # one pixel wide
+    assert gt[0, 2] == gt[0, 0] and gt[1, 3] == gt[1, 1]
+    deltas = box_ops.encode_boxes(tf.constant(boxes), tf.constant(gt), hw).numpy()
+    assert np.isfinite(deltas).all()
+    np.testing.assert_allclose(deltas, np_encode(boxes, gt, hw), rtol=1e-4, atol=1e-4)
+    decoded = box_ops.decode_boxes(tf.constant(boxes), tf.constant(deltas), hw).numpy()
+    np.testing.assert_allclose(decoded, gt, atol=1e-5)
+    np.testing.assert_allclose(decoded, np_decode(boxes, deltas, hw), atol=1e-5)
+    # The pixel boxes the deltas were computed on are those of the NumPy RPN targets.
+    px, gt_px = utils.denorm_boxes(boxes, hw), utils.denorm_boxes(gt, hw)
+    np.testing.assert_allclose(utils.box_refinement(px, gt_px), box_ops.encode_boxes(
+        tf.constant(utils.norm_boxes(px, hw)), tf.constant(utils.norm_boxes(gt_px, hw)), hw), rtol=1e-4, atol=1e-4)
+
+
+def test_decoded_boxes_are_at_least_a_pixel():
+    boxes = np.array([[0.2, 0.2, 0.4, 0.4]], np.float32)
+    deltas = np.array([[0., 0., -20., -20.]], np.float32)     # shrink 5e8 times
+    out = box_ops.decode_boxes(tf.constant(boxes), tf.constant(deltas), (64, 64)).numpy()[0]
+    np.testing.assert_allclose(out[2:] - out[:2], 0., atol=1e-6)   # one pixel: normalized size 0
+    np.testing.assert_allclose((out[:2] + out[2:]) / 2, [0.3, 0.3], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -70,7 +106,7 @@ def test_batched_nms_matches_greedy_reference(padded):
     scores[2] *= 0.3  # image 2: every score below the 0.4 threshold
     cases = [(50, 0.5, float("-inf")), (10, 0.3, 0.4), (60, 0.7, 0.2), (3, 0.5, 0.1)]
     for max_out, thr, min_score in cases:
-        idx, valid = layers.batched_nms(tf.constant(boxes), tf.constant(scores), max_out, thr,
+        idx, valid = batched_nms(tf.constant(boxes), tf.constant(scores), max_out, thr,
                                         min_score, padded=padded)
         idx, valid = idx.numpy(), valid.numpy()
         assert idx.shape == valid.shape == (B, max_out) and idx.dtype == np.int32
@@ -92,7 +128,7 @@ def test_batched_nms_keeps_a_box_whose_iou_equals_the_threshold(padded):
     threshold. Box 1 has IoU exactly 0.5 with box 0 (inter 0.5, union 1)."""
     boxes = tf.constant([[[0., 0., 1., 1.], [0., 0., 1., 0.5], [2., 2., 3., 3.], [0., 0., 1., 0.9]]])
     scores = tf.constant([[0.9, 0.8, 0.5, 0.4]])
-    idx, valid = layers.batched_nms(boxes, scores, 5, 0.5, padded=padded)
+    idx, valid = batched_nms(boxes, scores, 5, 0.5, padded=padded)
     assert np_iou([0, 0, 1, 1], [0, 0, 1, 0.5])[0, 0] == 0.5
     kept = idx.numpy()[0][valid.numpy()[0]].tolist()
     assert kept == np_greedy_nms(boxes.numpy()[0], scores.numpy()[0], 0.5, 5) == [0, 1, 2]
@@ -113,13 +149,13 @@ def test_proposal_layer_matches_bruteforce_reference(seed, padded):
     probs = np.stack([1 - probs_fg, probs_fg], axis=-1)
     deltas = rng.normal(0, 0.5, (B, A, 4)).astype(np.float32)
 
-    layer = layers.ProposalLayer(count, thr, anchors, std, pre_nms, padded_nms=padded)
+    layer = ProposalLayer(count, thr, anchors, std, pre_nms, padded_nms=padded, image_shape=HW)
     out = layer([tf.constant(probs), tf.constant(deltas)]).numpy()
     assert out.shape == (B, count, 4)
 
     for b in range(B):
         top = np.argsort(-probs_fg[b], kind="stable")[:pre_nms]
-        boxes = np.clip(np_apply_deltas(anchors[top], deltas[b, top] * std), 0, 1)
+        boxes = np.clip(np_decode(anchors[top], deltas[b, top] * std, HW), 0, 1)
         keep = np_greedy_nms(boxes, probs_fg[b, top], thr, count)
         expected = np.zeros((count, 4))
         expected[:len(keep)] = boxes[keep]
@@ -135,9 +171,27 @@ def test_proposal_layer_clamps_huge_deltas():
     probs_fg = np.array([[0.9, 0.8, 0.7]], np.float32)
     probs = np.stack([1 - probs_fg, probs_fg], axis=-1)
     deltas = np.array([[[0., 0., 1e4, 1e4], [0.5, -0.5, 50., 3.], [0.1, 0.2, 0.3, -0.4]]], np.float32)
-    out = layers.ProposalLayer(3, 0.7, anchors, std, 3)([tf.constant(probs), tf.constant(deltas)]).numpy()[0]
+    layer = ProposalLayer(3, 0.7, anchors, std, 3, image_shape=HW)
+    out = layer([tf.constant(probs), tf.constant(deltas)]).numpy()[0]
     assert np.isfinite(out).all()
-    expected = np.clip(np_apply_deltas(anchors, deltas[0] * std, clamp=CLAMP), 0, 1)
+    expected = np.clip(np_decode(anchors, deltas[0] * std, HW, clamp=CLAMP), 0, 1)
     # The clamped boxes are small enough not to overlap much: all three are kept, by score.
     np.testing.assert_allclose(out, expected, atol=1e-6)
-    assert out[0, 2] - out[0, 0] == pytest.approx(0.001 * 62.5, rel=1e-3)
+    # The anchor's pixel height (0.001 x 1023 + 1) grows 62.5x, no more.
+    height_px = (out[0, 2] - out[0, 0]) * 1023 + 1
+    assert height_px == pytest.approx((0.001 * 1023 + 1) * 62.5, rel=1e-3)
+
+
+def test_proposal_layer_stores_the_anchor_fields_not_the_anchors():
+    """The layer of a config keeps the anchors' fields in its Keras config (a
+    few numbers, not 261,888 anchors) and recomputes the same anchors from them."""
+    import json
+    from mrcnn.anchors import get_anchors
+    from tiny import TinyConfig
+    config = TinyConfig().derive(IMAGE_MIN_DIM=1024, IMAGE_MAX_DIM=1024, RPN_ANCHOR_SCALES=(32, 64, 128, 256, 512))
+    layer = ProposalLayer.for_config(config, "inference")
+    saved = layer.get_config()
+    assert len(json.dumps(saved)) < 2000
+    rebuilt = ProposalLayer.from_config(saved)
+    np.testing.assert_array_equal(rebuilt.anchors, get_anchors(config))
+    assert len(rebuilt.anchors) == 261888 and rebuilt.proposal_count == config.POST_NMS_ROIS_INFERENCE

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mrcnn import layers, utils
+from mrcnn import roi_align, utils
 
 from numpy_reference import (np_continuous, px_box, np_sample_points, np_roi_level, np_pyramid_roi_align,
                               random_norm_boxes)
@@ -23,13 +23,13 @@ def test_roi_level_matches_reference(mode):
     rng = np.random.default_rng(5)
     image_hw = (640, 512)
     boxes = random_norm_boxes(rng, 300, min_side=0.005, max_side=0.99)
-    got = layers.roi_level(tf.constant(boxes), image_hw, mode).numpy()
+    got = roi_align.roi_level(tf.constant(boxes), image_hw, mode).numpy()
     ref = np_roi_level(boxes, image_hw, mode)
     np.testing.assert_array_equal(got, ref)
     assert set(ref.tolist()) == {2, 3, 4, 5}
     # Default mode is "aligned".
     if mode == "aligned":
-        np.testing.assert_array_equal(layers.roi_level(tf.constant(boxes), image_hw).numpy(), ref)
+        np.testing.assert_array_equal(roi_align.roi_level(tf.constant(boxes), image_hw).numpy(), ref)
 
 
 def test_roi_level_hand_made():
@@ -38,14 +38,14 @@ def test_roi_level_hand_made():
     px = np.array([[0, 0, 224, 224], [100, 50, 212, 162], [0, 0, 448, 448], [5, 5, 15, 15]])
     boxes = utils.norm_boxes(px, hw)
     for mode in ("aligned", "matterport"):
-        np.testing.assert_array_equal(layers.roi_level(tf.constant(boxes), hw, mode).numpy(), [4, 3, 5, 2])
+        np.testing.assert_array_equal(roi_align.roi_level(tf.constant(boxes), hw, mode).numpy(), [4, 3, 5, 2])
     # A 160 px square: log2(160 / 224) = -0.49: floor -> level 3, round -> level 4.
     b = utils.norm_boxes(np.array([[10, 10, 170, 170]]), hw)
-    assert layers.roi_level(tf.constant(b), hw, "aligned").numpy().tolist() == [3]
-    assert layers.roi_level(tf.constant(b), hw, "matterport").numpy().tolist() == [4]
+    assert roi_align.roi_level(tf.constant(b), hw, "aligned").numpy().tolist() == [3]
+    assert roi_align.roi_level(tf.constant(b), hw, "matterport").numpy().tolist() == [4]
     # Just below 224 continuous pixels (223.9): level 3 with "aligned".
     b = np.array([px_box(0, 0, 223.9, 223.9, hw)], np.float32)
-    assert layers.roi_level(tf.constant(b), hw, "aligned").numpy().tolist() == [3]
+    assert roi_align.roi_level(tf.constant(b), hw, "aligned").numpy().tolist() == [3]
 
 
 @pytest.mark.parametrize("size", [(3, 4), (1, 1), (1, 3), (4, 1)])
@@ -69,7 +69,7 @@ def test_sample_bilinear_methods_agree_with_reference(size):
         ref[r] = np_sample_points(images[box_indices[r]], ys, xs)
     outs = {}
     for method in ("crop_and_resize", "gather"):
-        outs[method] = layers.sample_bilinear(tf.constant(images), tf.constant(first_last),
+        outs[method] = roi_align.sample_bilinear(tf.constant(images), tf.constant(first_last),
                                               tf.constant(box_indices), size, method).numpy()
         assert outs[method].shape == (R, rows, cols, C)
         np.testing.assert_allclose(outs[method], ref, atol=1e-5, err_msg=method)
@@ -125,7 +125,7 @@ def _ra_inputs(seed=0, B=2, C=3, map_shapes=RA_MAPS):
 
 
 def _pool(boxes, fmaps, pool, mode, method, image=RA_IMAGE):
-    layer = layers.PyramidROIAlign(pool, image + (3,), mode=mode, method=method)
+    layer = roi_align.PyramidROIAlign(pool, image + (3,), mode=mode, method=method)
     return layer([tf.constant(boxes)] + [tf.constant(f) for f in fmaps]).numpy()
 
 
@@ -162,7 +162,7 @@ def test_pyramid_roi_align_aligned_matches_roialignv2_reference():
     assert ((sizes.max(-1) < 16) & valid).sum() >= 4, "sub-pixel boxes (smaller than a P2 cell)"
     outs = _pool_both_methods_like_reference(boxes, fmaps, pool, "aligned", ref, levels)
     # Default mode and method: aligned, crop_and_resize.
-    default = layers.PyramidROIAlign(pool, RA_IMAGE)([tf.constant(boxes)] + [tf.constant(f) for f in fmaps])
+    default = roi_align.PyramidROIAlign(pool, RA_IMAGE)([tf.constant(boxes)] + [tf.constant(f) for f in fmaps])
     np.testing.assert_allclose(default.numpy(), outs["crop_and_resize"], atol=1e-6)
     # The level really matters: pooling the same boxes from another level differs.
     for lvl in range(2, 6):
@@ -228,7 +228,7 @@ def test_pyramid_roi_align_aligned_gradient_is_the_reference_transposed(method):
     w_out = np.random.default_rng(9).normal(size=(B, R) + pool + (2,)).astype(np.float32)
     w_out[~valid] = 0.  # padding rows pool garbage that callers weight out
     maps = [tf.constant(f) for f in fmaps]
-    layer = layers.PyramidROIAlign(pool, RA_IMAGE, mode="aligned", method=method)
+    layer = roi_align.PyramidROIAlign(pool, RA_IMAGE, mode="aligned", method=method)
     with tf.GradientTape() as tape:
         tape.watch(maps)
         loss = tf.reduce_sum(layer([tf.constant(boxes)] + maps) * w_out)
@@ -247,7 +247,7 @@ def test_pyramid_roi_align_dynamic_number_of_rois(mode):
     boxes, fmaps = _ra_inputs(seed=6)
     B = boxes.shape[0]
     for method in ("crop_and_resize", "gather"):
-        layer = layers.PyramidROIAlign(pool, RA_IMAGE, mode=mode, method=method)
+        layer = roi_align.PyramidROIAlign(pool, RA_IMAGE, mode=mode, method=method)
         spec = [tf.TensorSpec([B, None, 4], tf.float32)] + [tf.TensorSpec(f.shape, tf.float32) for f in fmaps]
 
         @tf.function(input_signature=spec)
