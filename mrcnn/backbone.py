@@ -61,33 +61,15 @@ class BatchNorm(layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training) and self.train_bn
-        if training and self.trainable and mask is None \
+        # Statistics synchronized across replicas (SYNC_BN) are Keras's own
+        # (``synchronized=True``: the replicas' sums all-reduced); otherwise
+        # training uses TensorFlow's fused kernel.
+        ctx = tf.distribute.get_replica_context()
+        synchronized = self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
+        if training and self.trainable and mask is None and not synchronized \
                 and self.axis in (-1, len(inputs.shape) - 1) and len(inputs.shape) == 4:
-            ctx = tf.distribute.get_replica_context()
-            if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
-                return self._synchronized_training_call(inputs, ctx)
             return self._fused_training_call(inputs)
         return super().call(inputs, training=training, mask=mask)
-
-    def _synchronized_training_call(self, inputs, ctx):
-        """Batch statistics of the global batch (SYNC_BN): the replicas' sums and
-        counts are all-reduced for the mean, then their centred sums of squares
-        for the variance (two passes, as accurate as one device's)."""
-        x = tf.cast(inputs, "float32")
-        axes = [0, 1, 2]
-        channels = x.shape[-1]
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), "float32")
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([tf.reduce_sum(x, axes), count[None]], 0))
-        n = total[-1]
-        mean = total[:channels] / n
-        variance = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes)) / n
-        gamma = tf.cast(self.gamma, "float32") if self.scale else None
-        beta = tf.cast(self.beta, "float32") if self.center else None
-        y = tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
-        m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + mean * (1. - m))
-        self.moving_variance.assign(self.moving_variance * m + variance * (1. - m))
-        return tf.cast(y, self.compute_dtype)
 
     def _fused_training_call(self, inputs):
         """Batch statistics, normalization and their gradient in one fused
@@ -203,10 +185,35 @@ def fpn_graph(c2, c3, c4, c5, pyramid_size):
     return [p2, p3, p4, p5, p6]
 
 
+class ResNetFPN:
+    """The backbone part (``Config.BACKBONE``: "resnet50", "resnet101",
+    "resnet_small"): a ResNet and the FPN on its stages 2-5.
+
+    ``resnet``: an architecture name of ``STAGE_BLOCKS``, or matterport's
+    function ``f(input_image, stage5=True, train_bn=...) -> [C1, ..., C5]``.
+    Calling it on the input image [batch, H, W, 3] returns
+    (pyramid [P2, P3, P4, P5, P6], stages [C1, C2, C3, C4, C5]); the stages
+    tell ``train(layers="3+")`` which layers belong to which ResNet stage
+    (everything after them, the FPN included, trains with the heads).
+    """
+
+    def __init__(self, resnet="resnet101", pyramid_size=256, train_bn=False):
+        self.resnet, self.pyramid_size, self.train_bn = resnet, int(pyramid_size), bool(train_bn)
+
+    @classmethod
+    def for_config(cls, config, architecture=None):
+        """BACKBONE's ResNet (or ``architecture``), TOP_DOWN_PYRAMID_SIZE, TRAIN_BN."""
+        return cls(architecture or config.BACKBONE, config.TOP_DOWN_PYRAMID_SIZE, config.TRAIN_BN)
+
+    def __call__(self, input_image):
+        if callable(self.resnet):
+            stages = self.resnet(input_image, stage5=True, train_bn=self.train_bn)
+        else:
+            stages = resnet_graph(input_image, self.resnet, train_bn=self.train_bn)
+        return fpn_graph(*stages[1:], self.pyramid_size), list(stages)
+
+
 def build_backbone(input_image, config):
     """ResNet + FPN for ``config.BACKBONE``; returns the pyramid [P2..P6]."""
-    if callable(config.BACKBONE):
-        _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=config.TRAIN_BN)
-    else:
-        _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, train_bn=config.TRAIN_BN)
-    return fpn_graph(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
+    from mrcnn.parts import build
+    return build("backbone", config)(input_image)[0]

@@ -37,121 +37,32 @@ one convolution of the difference ``S(pred) - S'(gt)``: one conv for all ROIs.
 
 ``weighted_entropy=True`` (paper section 5.6) returns instead
 ``weight * mean over positive ROI pixels of BCE(gt, pred) * exp(L_edge_pixel / 4)``
-with ``L_edge_pixel = mean over channels of |E(pred) - E(gt)|^p``. This *replaces*
-the L^p term: the returned value is an alternative (edge-weighted) mask loss.
+with ``L_edge_pixel = mean over channels of |E(pred) - E(gt)|^p``. This replaces
+the L^p term only: the edge loss becomes an edge-weighted cross-entropy, and it
+is *added* to the five Mask R-CNN losses, whose mask cross-entropy stays (as in
+the paper, where ``L_Edge = L_Mask-PW * exp(L_Edge-PW / 4)`` is added to the loss).
+
+In training the loss is a registered loss term (``EdgeAgreementTerm``, log
+name ``mrcnn_mask_edge_loss``), on when ``Config.EDGE_LOSS_FILTERS`` is set: the
+worked example of ``mrcnn.losses.LossTerm``.
 """
 
 import logging
-import numbers
 
 import keras
 import numpy as np
 from keras import ops
 
-from mrcnn.losses import mean_of, select_class_masks
+# The filters, re-exported: matterport-era code imports them from here.
+from mrcnn.edge_filters import (FILTER_GROUPS, FILTERS, VALID_FILTER_NAMES, edge_kernel,  # noqa: F401
+                                filter_names, gaussian_kernel, parse_norm, validate_edge_config)
+from mrcnn.losses import LossTerm, mean_of, select_class_masks
 
 log = logging.getLogger(__name__)
-
-# 3x3 edge detection kernels, applied as cross-correlation (like tf.nn.conv2d).
-FILTERS = {
-    "sobel-x": np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32),    # eq. 2
-    "sobel-y": np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], np.float32),    # eq. 2
-    "laplace": np.array([[1, 1, 1], [1, -8, 1], [1, 1, 1]], np.float32),      # eq. 4
-    "laplace4": np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32),     # eq. 3
-    "prewitt-x": np.array([[1, 0, -1], [1, 0, -1], [1, 0, -1]], np.float32),
-    "prewitt-y": np.array([[1, 1, 1], [0, 0, 0], [-1, -1, -1]], np.float32),
-}
-
-# Names that stand for several kernels (each one an output channel).
-FILTER_GROUPS = {
-    "sobel": ("sobel-x", "sobel-y"),
-    "prewitt": ("prewitt-x", "prewitt-y"),
-}
-
-# Spelling variants (after lower-casing and "_"/" " -> "-").
-_ALIASES = {
-    "laplacian": "laplace", "laplace8": "laplace", "laplacian4": "laplace4",
-    "sobelx": "sobel-x", "sobely": "sobel-y",
-    "prewittx": "prewitt-x", "prewitty": "prewitt-y",
-}
-
-VALID_FILTER_NAMES = tuple(sorted(FILTERS)) + tuple(sorted(FILTER_GROUPS))
 
 # Exponent cap of the weighted-entropy factor exp(L / 4): float32 overflows at
 # exp(88.7); a Laplace error of 8 with p = 3 would otherwise give exp(128).
 _MAX_WEIGHT_EXPONENT = 80.0
-
-
-def filter_names(filters):
-    """Expand a filter specification into a list of kernel names.
-
-    filters: a name ("sobel"), a "+"-joined string ("sobel+laplace"), or a list
-        of those. Case and "_" vs "-" do not matter; "sobel" and "prewitt" stand
-        for their x and y kernels. Duplicates are kept once, order preserved.
-    Returns: list of keys of FILTERS. Raises ValueError for unknown names.
-    """
-    if isinstance(filters, str):
-        filters = [filters]
-    names = []
-    for item in filters:
-        if not isinstance(item, str):
-            raise ValueError(f"edge filter names must be strings, got {item!r}; "
-                             f"valid names: {', '.join(VALID_FILTER_NAMES)}")
-        for part in item.split("+"):
-            key = part.strip().lower().replace("_", "-").replace(" ", "-")
-            key = _ALIASES.get(key, key)
-            if key in FILTER_GROUPS:
-                expanded = FILTER_GROUPS[key]
-            elif key in FILTERS:
-                expanded = (key,)
-            else:
-                raise ValueError(f"unknown edge filter {part.strip()!r} in {item!r}; "
-                                 f"valid names: {', '.join(VALID_FILTER_NAMES)}")
-            names += [k for k in expanded if k not in names]
-    if not names:
-        raise ValueError(f"no edge filter given; valid names: {', '.join(VALID_FILTER_NAMES)}")
-    return names
-
-
-def edge_kernel(filters):
-    """Stack the chosen 3x3 kernels as output channels.
-
-    filters: see `filter_names` (e.g. ["sobel"], "sobel+laplace").
-    Returns: float32 array [3, 3, 1, D] for a cross-correlation with one input
-        channel (D = number of kernels; "sobel" counts 2).
-    """
-    return np.stack([FILTERS[n] for n in filter_names(filters)], axis=-1)[:, :, None, :]
-
-
-def parse_norm(norm):
-    """p of the L^p loss as a float >= 1.
-
-    norm: a number >= 1, or "l1".."l5" (any case; the reference fork's spelling).
-    """
-    if isinstance(norm, str):
-        key = norm.strip().lower()
-        if len(key) == 2 and key[0] == "l" and key[1] in "12345":
-            return float(key[1])
-        raise ValueError(f"edge loss norm {norm!r} is not understood; use a number >= 1 "
-                         f"or one of 'l1', 'l2', 'l3', 'l4', 'l5'")
-    if isinstance(norm, bool) or not isinstance(norm, numbers.Real) or not np.isfinite(norm) \
-            or norm < 1:
-        raise ValueError(f"edge loss norm must be a finite number >= 1 (p of the L^p loss) "
-                         f"or 'l1'..'l5', got {norm!r}")
-    return float(norm)
-
-
-def validate_edge_config(filters, norm):
-    """Raise ValueError if the filter list or the norm is invalid (Config.validate)."""
-    filter_names(filters)
-    parse_norm(norm)
-
-
-def gaussian_kernel():
-    """3x3 Gaussian, sigma = 1, normalized to sum 1: float32 [3, 3]."""
-    g = np.exp(-0.5 * np.arange(-1, 2, dtype=np.float64) ** 2)
-    k = np.outer(g, g)
-    return (k / k.sum()).astype(np.float32)
 
 
 def _conv_same(x, kernel):
@@ -220,7 +131,7 @@ def edge_agreement_loss(target_masks, target_class_ids, pred_masks, filters=("so
         the ground truth / the prediction before edge detection.
     weighted_entropy: return ``weight * mean(BCE_pixel * exp(L_edge_pixel / 4))``
         over positive ROI pixels instead of the L^p loss (paper section 5.6;
-        this replaces the L^p term, it is an alternative mask loss).
+        this replaces the L^p term; in training it is added to the mask loss).
 
     normalize: ``f(total, count)`` giving the mean (default total / max(count,
         1)); the training loop's version counts the global batch.
@@ -332,3 +243,35 @@ class EdgeAgreementLoss(keras.layers.Layer):
                       smoothing_predictions=self.smoothing_predictions,
                       weighted_entropy=self.weighted_entropy)
         return config
+
+
+class EdgeAgreementTerm(LossTerm):
+    """The Edge Agreement Loss as a training loss term (registered as
+    ``mrcnn_mask_edge_loss``): on when ``EDGE_LOSS_FILTERS`` is set, weighted
+    by ``EDGE_LOSS_WEIGHT``. It reads the positive ROI slots' ground truth,
+    class ids and mask logits of their class, and compares the edges of the
+    sigmoid of the logits with those of the ground truth (paper section 3)."""
+
+    requires = ("target_mask", "mask_class_ids", "mrcnn_mask_class_logits")
+    config_fields = ("EDGE_LOSS_FILTERS", "EDGE_LOSS_NORM", "EDGE_LOSS_WEIGHT", "EDGE_LOSS_SMOOTHING_GT",
+                     "EDGE_LOSS_SMOOTHING_PREDICTIONS", "EDGE_LOSS_WEIGHTED_ENTROPY")
+
+    def __init__(self, filters=("sobel",), norm=2, weight=1.0, smoothing_gt=False, smoothing_predictions=False,
+                 weighted_entropy=False, name=None):
+        super().__init__(weight=weight, name=name)
+        self.layer = EdgeAgreementLoss(filters=filters, norm=norm, weight=1.0, smoothing_gt=smoothing_gt,
+                                       smoothing_predictions=smoothing_predictions,
+                                       weighted_entropy=weighted_entropy)
+
+    @classmethod
+    def for_config(cls, config):
+        if not config.EDGE_LOSS_FILTERS:
+            return None
+        return cls(filters=config.EDGE_LOSS_FILTERS, norm=config.EDGE_LOSS_NORM, weight=config.EDGE_LOSS_WEIGHT,
+                   smoothing_gt=config.EDGE_LOSS_SMOOTHING_GT,
+                   smoothing_predictions=config.EDGE_LOSS_SMOOTHING_PREDICTIONS,
+                   weighted_entropy=config.EDGE_LOSS_WEIGHTED_ENTROPY)
+
+    def compute(self, tensors, normalize=None):
+        return self.layer([tensors["target_mask"], tensors["mask_class_ids"],
+                           ops.sigmoid(tensors["mrcnn_mask_class_logits"])], normalize=normalize)

@@ -5,25 +5,32 @@ detection, as one Keras functional model with static shapes.
 (matterport's inputs and outputs), and in inference mode a second model
 sharing its layers that stops before the mask head (``detector``), plus the
 head objects, so that ``mrcnn.detection`` can run the mask head on the real
-detections only.
+detections only, and the ResNet stage of every backbone layer (``stages``),
+which ``train(layers=...)`` uses.
+
+Every piece is a part the config picks (``mrcnn.parts``): BACKBONE, RPN_HEAD,
+PROPOSAL_LAYER, ROI_ALIGN, BOX_HEAD, MASK_HEAD (and INPUT_NORMALIZATION,
+applied by the data pipeline). This module only wires them together.
 """
 
 import collections
 import contextlib
 
-import numpy as np
 import keras
 from keras import layers as KL, ops
 
+from mrcnn import parts
 from mrcnn.anchors import get_anchors
-from mrcnn.backbone import build_backbone, sync_batchnorm
-from mrcnn.heads import BoxHead, MaskHead, RPNHead
-from mrcnn.layers import (DetectionLayer, DetectionTargetLayer, PositiveSlots, ProposalLayer, positive_rois,
-                          sampler_for)
+from mrcnn.backbone import ResNetFPN, sync_batchnorm
+from mrcnn.boxes import normalize_boxes
+from mrcnn.detection_layer import DetectionLayer
+from mrcnn.ground_truth import candidate_count
+from mrcnn.roi_sampling import DetectionTargetLayer, PositiveSlots, positive_rois
 
 #: The built graph: ``keras_model``; ``detector`` (inference only: detections
-#: and the P2..P5 feature maps); the ``box_head`` and ``mask_head`` objects.
-Graph = collections.namedtuple("Graph", ["keras_model", "detector", "box_head", "mask_head"])
+#: and the P2..P5 feature maps); the ``box_head`` and ``mask_head`` objects;
+#: ``stages``: {layer name: ResNet stage 1..5} of the backbone's layers.
+Graph = collections.namedtuple("Graph", ["keras_model", "detector", "box_head", "mask_head", "stages"])
 
 
 @contextlib.contextmanager
@@ -53,54 +60,91 @@ def build_graph(mode, config):
         return _build(mode, config)
 
 
+def layers_between(inputs, outputs):
+    """The layers on the paths from ``inputs`` (symbolic tensors, excluded) to
+    ``outputs`` (included), found by walking the functional graph backwards."""
+    stop = {id(t) for t in inputs}
+    seen, found, todo = set(), [], list(outputs)
+    while todo:
+        tensor = todo.pop()
+        if id(tensor) in stop or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            continue
+        operation = history.operation
+        if isinstance(operation, KL.Layer) and not isinstance(operation, KL.InputLayer) and operation not in found:
+            found.append(operation)
+        node = operation._inbound_nodes[history.node_index]
+        todo.extend(node.input_tensors)
+    return found
+
+
+def backbone_stages(input_image, stage_outputs):
+    """{layer name: stage} for the backbone's layers: stage k holds the layers
+    between C(k-1) (the image for k = 1) and Ck."""
+    stages, previous = {}, [input_image]
+    for k, output in enumerate(stage_outputs, start=1):
+        for layer in layers_between(previous, [output]):
+            stages.setdefault(layer.name, k)
+        previous = [output]
+    return stages
+
+
+def build_backbone_part(config):
+    """The BACKBONE part (matterport's backbone function wrapped as one)."""
+    value = config.BACKBONE
+    if callable(value) and not hasattr(value, "for_config"):
+        return ResNetFPN(value, config.TOP_DOWN_PYRAMID_SIZE, config.TRAIN_BN)
+    return parts.build("backbone", config)
+
+
 def _build(mode, config):
     B = config.IMAGES_PER_GPU if mode == "training" else config.BATCH_SIZE
     h, w, ch = (int(s) for s in config.IMAGE_SHAPE)
     input_image = keras.Input((h, w, ch), batch_size=B, name="input_image")
     input_image_meta = keras.Input((config.IMAGE_META_SIZE,), batch_size=B, name="input_image_meta")
 
-    p2, p3, p4, p5, p6 = build_backbone(input_image, config)
-    rpn_feature_maps = [p2, p3, p4, p5, p6]
-    mrcnn_feature_maps = [p2, p3, p4, p5]
+    pyramid, stage_outputs = build_backbone_part(config)(input_image)
+    stages = backbone_stages(input_image, stage_outputs)
+    rpn_feature_maps = list(pyramid)
+    mrcnn_feature_maps = list(pyramid[:4])
 
-    rpn = RPNHead(len(config.RPN_ANCHOR_RATIOS), config.RPN_ANCHOR_STRIDE,
-                  channels=config.RPN_CONV_CHANNELS)
+    rpn = parts.build("rpn_head", config)
     level_outputs = [rpn(p) for p in rpn_feature_maps]
     rpn_class_logits, rpn_class, rpn_bbox = (
         KL.Concatenate(axis=1, name=n, dtype="float32")([o[i] for o in level_outputs])
         for i, n in enumerate(["rpn_class_logits", "rpn_class", "rpn_bbox"]))
 
-    anchors = get_anchors(config, config.IMAGE_SHAPE, normalized=True)
-    if anchors.shape[0] != rpn_class.shape[1]:
-        raise ValueError(f"{anchors.shape[0]} anchors but the RPN predicts {rpn_class.shape[1]}: "
+    num_anchors = get_anchors(config, normalized=True).shape[0]
+    if num_anchors != rpn_class.shape[1]:
+        raise ValueError(f"{num_anchors} anchors but the RPN predicts {rpn_class.shape[1]}: "
                          "check RPN_ANCHOR_SCALES/RATIOS/STRIDE and BACKBONE_STRIDES")
-    proposal_count = config.POST_NMS_ROIS_TRAINING if mode == "training" else config.POST_NMS_ROIS_INFERENCE
-    rpn_rois = ProposalLayer(proposal_count, config.RPN_NMS_THRESHOLD, anchors,
-                             config.RPN_BBOX_STD_DEV, config.PRE_NMS_LIMIT,
-                             padded_nms=config.JIT_COMPILE, name="ROI")([rpn_class, rpn_bbox])
+    rpn_rois = parts.build("proposals", config, mode=mode)([rpn_class, rpn_bbox])
 
-    policy = keras.config.dtype_policy()
-    heads = dict(image_shape=config.IMAGE_SHAPE, num_classes=config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                 roi_align=config.ROI_ALIGN, method=sampler_for(config), compute_dtype=policy.compute_dtype)
-    box_head = BoxHead(pool_size=config.POOL_SIZE, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE,
-                            **heads)
-    mask_head = MaskHead(pool_size=config.MASK_POOL_SIZE, channels=config.MASK_HEAD_CHANNELS, **heads)
+    compute_dtype = keras.config.dtype_policy().compute_dtype
+    box_head = parts.build("box_head", config, roi_align=parts.build(
+        "roi_align", config, pool_size=config.POOL_SIZE, out_dtype=compute_dtype, name="roi_align_classifier"))
+    mask_head = parts.build("mask_head", config, roi_align=parts.build(
+        "roi_align", config, pool_size=config.MASK_POOL_SIZE, out_dtype=compute_dtype, name="roi_align_mask"))
     detector = None
     if mode == "training":
-        A = anchors.shape[0]
-        G = config.MAX_GT_INSTANCES
+        A, G = num_anchors, config.MAX_GT_INSTANCES
         mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
-        input_rpn_match = keras.Input((A,), batch_size=B, name="input_rpn_match", dtype="int32")
-        input_rpn_bbox = keras.Input((A, 4), batch_size=B, name="input_rpn_bbox")
-        input_gt_class_ids = keras.Input((G,), batch_size=B, name="input_gt_class_ids", dtype="int32")
-        input_gt_boxes = keras.Input((G, 4), batch_size=B, name="input_gt_boxes")
-        input_gt_masks = keras.Input(mask_hw + (G,), batch_size=B, name="input_gt_masks", dtype="bool")
-        # Pixel -> normalized GT boxes (see utils.norm_boxes).
-        scale = np.array([h - 1, w - 1, h - 1, w - 1], np.float32)
-        gt_boxes = (ops.cast(input_gt_boxes, "float32") - np.array([0, 0, 1, 1], np.float32)) / scale
+        inputs = [input_image, input_image_meta,
+                  keras.Input((A,), batch_size=B, name="input_rpn_match", dtype="int32"),
+                  keras.Input((A, 4), batch_size=B, name="input_rpn_bbox"),
+                  keras.Input((G,), batch_size=B, name="input_gt_class_ids", dtype="int32"),
+                  keras.Input((G, 4), batch_size=B, name="input_gt_boxes"),
+                  keras.Input(mask_hw + (G,), batch_size=B, name="input_gt_masks", dtype="bool"),
+                  keras.Input((candidate_count(config),), batch_size=B, name="input_roi_keys")]
+        inputs = {t.name: t for t in inputs}
+        gt_boxes = normalize_boxes(ops.cast(inputs["input_gt_boxes"], "float32"), (h, w))
 
-        rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer(
-            config, name="proposal_targets")([rpn_rois, input_gt_class_ids, gt_boxes, input_gt_masks])
+        rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer.for_config(config)(
+            [rpn_rois, inputs["input_gt_class_ids"], gt_boxes, inputs["input_gt_masks"],
+             inputs["input_roi_keys"]])
         mrcnn_class_logits, mrcnn_class, mrcnn_bbox = box_head(rois, mrcnn_feature_maps)
         # The mask head runs on the positive slots only (the first P ROIs; the
         # others have no mask loss), and without XLA only on as many of them
@@ -109,8 +153,6 @@ def _build(mode, config):
             positive_rois(config), dynamic=not config.JIT_COMPILE, name="positive_slots")(
             [rois, target_class_ids, target_mask])
         mask_logits = mask_head(mask_rois, mrcnn_feature_maps)
-        inputs = [input_image, input_image_meta, input_rpn_match, input_rpn_bbox,
-                  input_gt_class_ids, input_gt_boxes, input_gt_masks]
         outputs = {
             "rpn_class_logits": rpn_class_logits, "rpn_class": rpn_class, "rpn_bbox": rpn_bbox,
             "rpn_rois": rpn_rois, "rois": rois, "target_class_ids": target_class_ids,
@@ -119,11 +161,9 @@ def _build(mode, config):
             "mrcnn_bbox": mrcnn_bbox, "mrcnn_mask_logits": mask_logits,
             "mrcnn_mask": ops.sigmoid(mask_logits),
         }
-        inputs = {t.name: t for t in inputs}
     else:
         mrcnn_class_logits, mrcnn_class, mrcnn_bbox = box_head(rpn_rois, mrcnn_feature_maps)
-        detections = DetectionLayer(config, name="mrcnn_detection")(
-            [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
+        detections = DetectionLayer.for_config(config)([rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
         mrcnn_mask = ops.sigmoid(mask_head(detections[..., :4], mrcnn_feature_maps))
         inputs = {"input_image": input_image, "input_image_meta": input_image_meta}
         outputs = {"detections": detections, "mrcnn_class": mrcnn_class, "mrcnn_bbox": mrcnn_bbox,
@@ -134,4 +174,4 @@ def _build(mode, config):
         detector = keras.Model(
             inputs, {"detections": detections, **{f"P{i + 2}": p for i, p in enumerate(mrcnn_feature_maps)}},
             name="mask_rcnn_detector")
-    return Graph(keras.Model(inputs, outputs, name="mask_rcnn"), detector, box_head, mask_head)
+    return Graph(keras.Model(inputs, outputs, name="mask_rcnn"), detector, box_head, mask_head, stages)

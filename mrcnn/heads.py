@@ -7,7 +7,9 @@ same computation with plain layers. Layer names (``rpn_conv_shared``,
 ``mrcnn_class_conv1``, ``mrcnn_mask_bn4``, ...) and weight shapes are
 matterport's, so its ``.h5`` weights load by name.
 
-Each head is an object that owns its layers and can be called more than once:
+Each head is a part (``mrcnn.parts``: ``RPN_HEAD``, ``BOX_HEAD``, ``MASK_HEAD``,
+"matterport" by default), built by ``for_config`` from the config fields it
+needs, or constructed directly. It owns its layers and can be called more than once:
 on symbolic tensors while the Keras model is built, and on tensors with a
 dynamic number of ROIs inside ``mrcnn.detection``'s predict function
 (``MaskRCNN.detect``) and ``mrcnn.export``'s serving function, which run the
@@ -18,7 +20,7 @@ compute in float32 under mixed precision.
 from keras import initializers, layers, ops
 
 from mrcnn.backbone import BatchNorm
-from mrcnn.layers import PyramidROIAlign
+from mrcnn.roi_align import PyramidROIAlign
 
 
 class RPNHead:
@@ -38,6 +40,11 @@ class RPNHead:
                                     strides=anchor_stride, name="rpn_conv_shared")
         self.class_raw = layers.Conv2D(2 * anchors_per_location, 1, name="rpn_class_raw", dtype="float32")
         self.bbox_pred = layers.Conv2D(4 * anchors_per_location, 1, name="rpn_bbox_pred", dtype="float32")
+
+    @classmethod
+    def for_config(cls, config):
+        """RPN_ANCHOR_RATIOS anchors per location every RPN_ANCHOR_STRIDE cells, RPN_CONV_CHANNELS wide."""
+        return cls(len(config.RPN_ANCHOR_RATIOS), config.RPN_ANCHOR_STRIDE, channels=config.RPN_CONV_CHANNELS)
 
     def __call__(self, feature_map):
         shared = self.shared(feature_map)
@@ -74,9 +81,10 @@ class BoxHead:
                  roi_align="aligned", method="crop_and_resize", compute_dtype=None):
         self.num_classes = num_classes
         self.fc_layers_size = fc_layers_size
-        self.roi_align = PyramidROIAlign((pool_size, pool_size), image_shape, mode=roi_align,
-                                         method=method, out_dtype=compute_dtype,
-                                         name="roi_align_classifier")
+        # ``roi_align``: a RoIAlign layer (a ``parts`` "roi_align"), or a PyramidROIAlign mode.
+        self.roi_align = roi_align if callable(roi_align) else PyramidROIAlign(
+            (pool_size, pool_size), image_shape, mode=roi_align, method=method, out_dtype=compute_dtype,
+            name="roi_align_classifier")
         self.conv1 = layers.Conv2D(fc_layers_size, pool_size, padding="valid", name="mrcnn_class_conv1")
         self.bn1 = BatchNorm(train_bn, name="mrcnn_class_bn1")
         self.conv2 = layers.Conv2D(fc_layers_size, 1, name="mrcnn_class_conv2")
@@ -89,6 +97,13 @@ class BoxHead:
                                    kernel_initializer=initializers.RandomNormal(stddev=0.01))
         self.bbox = layers.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc", dtype="float32",
                                  kernel_initializer=initializers.RandomNormal(stddev=0.001))
+
+    @classmethod
+    def for_config(cls, config, roi_align):
+        """POOL_SIZE bins pooled by ``roi_align`` (the config's RoIAlign part),
+        FPN_CLASSIF_FC_LAYERS_SIZE wide, NUM_CLASSES, BatchNorm training with TRAIN_BN."""
+        return cls(config.IMAGE_SHAPE, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                   fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, roi_align=roi_align)
 
     def __call__(self, rois, feature_maps):
         batch = rois.shape[0]
@@ -117,13 +132,22 @@ class MaskHead:
 
     def __init__(self, image_shape, pool_size, num_classes, train_bn=False, channels=256,
                  roi_align="aligned", method="crop_and_resize", compute_dtype=None):
-        self.roi_align = PyramidROIAlign((pool_size, pool_size), image_shape, mode=roi_align,
-                                         method=method, out_dtype=compute_dtype, name="roi_align_mask")
+        # ``roi_align``: a RoIAlign layer (a ``parts`` "roi_align"), or a PyramidROIAlign mode.
+        self.roi_align = roi_align if callable(roi_align) else PyramidROIAlign(
+            (pool_size, pool_size), image_shape, mode=roi_align, method=method, out_dtype=compute_dtype,
+            name="roi_align_mask")
         self.convs = [(layers.Conv2D(channels, 3, padding="same", name=f"mrcnn_mask_conv{i}"),
                        BatchNorm(train_bn, name=f"mrcnn_mask_bn{i}")) for i in range(1, 5)]
         self.deconv = layers.Conv2DTranspose(channels, 2, strides=2, activation="relu", name="mrcnn_mask_deconv")
         # matterport's "mrcnn_mask" had a sigmoid activation; the weights are the same.
         self.logits = layers.Conv2D(num_classes, 1, name="mrcnn_mask", dtype="float32")
+
+    @classmethod
+    def for_config(cls, config, roi_align):
+        """MASK_POOL_SIZE bins pooled by ``roi_align``, MASK_HEAD_CHANNELS wide,
+        NUM_CLASSES masks, BatchNorm training with TRAIN_BN."""
+        return cls(config.IMAGE_SHAPE, config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                   channels=config.MASK_HEAD_CHANNELS, roi_align=roi_align)
 
     def __call__(self, rois, feature_maps):
         batch = rois.shape[0]

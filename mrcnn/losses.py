@@ -1,4 +1,33 @@
-"""The five Mask R-CNN losses (the edge loss lives in mrcnn.edge_agreement).
+"""The Mask R-CNN losses, and loss terms: how the trainer finds what to sum.
+
+A loss term (``LossTerm``) declares which tensors of the training step it
+reads (``requires``: names of the training model's outputs, of the batch's
+inputs, or of the ``DERIVED`` tensors), the config fields it reads, and its
+weight; ``compute(tensors, normalize)`` returns a scalar. The trainer builds
+the terms a config asks for (``active_losses``: the five Mask R-CNN losses,
+every registered term whose ``for_config`` returns one, e.g. the edge loss,
+and ``Config.EXTRA_LOSSES``), sums them weighted, and logs each under its
+name. A term of your own, from your own file::
+
+    import collections.abc
+import copy
+
+from keras import ops
+
+from mrcnn import parts
+from mrcnn.image_meta import parse_image_meta_graph
+    from mrcnn import parts
+    from mrcnn.losses import LossTerm
+
+    @parts.register_loss("rpn_bbox_l2")
+    class RPNBoxL2(LossTerm):
+        requires = ("rpn_bbox",)
+        def compute(self, tensors, normalize=None):
+            return ops.mean(ops.square(tensors["rpn_bbox"]))
+
+    config = MyConfig().derive(EXTRA_LOSSES=["rpn_bbox_l2"])   # or [RPNBoxL2(weight=0.1)]
+
+The edge loss (``mrcnn.edge_agreement.EdgeAgreementTerm``) is the worked example.
 
 All losses are means over the elements that count, computed with static shapes
 (0/1 weights instead of dynamic gathers) in float32, and are exactly 0 when
@@ -11,7 +40,13 @@ matterport defects fixed here: zero-padded ROIs no longer count as background
 in ``mrcnn_class_loss``; the RPN box targets are dense, so no batch packing.
 """
 
+import collections.abc
+import copy
+
 from keras import ops
+
+from mrcnn import parts
+from mrcnn.image_meta import parse_image_meta_graph
 
 
 def smooth_l1(y_true, y_pred):
@@ -134,4 +169,179 @@ def mrcnn_mask_loss(target_masks, target_class_ids, pred_mask_logits, normalize=
     return _safe_mean(bce, weights, normalize)
 
 
-LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
+#: The five losses' log names (``mrcnn.parts.MASK_RCNN_LOSSES``).
+LOSS_NAMES = parts.MASK_RCNN_LOSSES
+
+
+# ---------------------------------------------------------------------------
+# Loss terms
+# ---------------------------------------------------------------------------
+
+class LossTerm:
+    """One term of the training loss (see the module docstring).
+
+    requires: names of the tensors ``compute`` reads: outputs of the training
+        model (``rpn_class_logits``, ``mrcnn_bbox``, ``target_mask``, ...),
+        batch inputs (``input_rpn_match``, ...) or ``DERIVED`` tensors.
+        The trainer checks them up front and passes exactly these.
+    config_fields: the config fields ``for_config`` reads (documentation).
+    weight: its factor in the total loss (times ``LOSS_WEIGHTS[name]``).
+    name: its log name (set by ``mrcnn.parts.register_loss``, or given).
+    mask_rcnn: True for the five losses of L_MRCNN (``mrcnn_loss`` in steps.csv).
+    """
+
+    requires = ()
+    config_fields = ()
+    mask_rcnn = False
+    name = None
+
+    def __init__(self, weight=1.0, name=None):
+        self.weight = float(weight)
+        if name is not None:
+            self.name = name
+
+    @classmethod
+    def for_config(cls, config):
+        """The term for ``config``, or None when the config turns it off."""
+        return cls()
+
+    def compute(self, tensors, normalize=None):
+        """A scalar float32 loss (unweighted) from ``tensors`` (a dict with the
+        ``requires`` keys). ``normalize(total, count)`` makes a mean over the
+        global batch under a distribution strategy (see ``mean_of``)."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, weight={self.weight:g})"
+
+
+class MaskRCNNLoss(LossTerm):
+    """One of the five Mask R-CNN losses: ``function(*the required tensors in
+    order, normalize)``."""
+
+    mask_rcnn = True
+    function = None
+
+    def compute(self, tensors, normalize=None):
+        return type(self).function(*(tensors[k] for k in self.requires), normalize)
+
+
+class RPNClassLoss(MaskRCNNLoss):
+    requires = ("input_rpn_match", "rpn_class_logits")
+    function = staticmethod(rpn_class_loss)
+
+
+class RPNBoxLoss(MaskRCNNLoss):
+    requires = ("input_rpn_match", "input_rpn_bbox", "rpn_bbox")
+    function = staticmethod(rpn_bbox_loss)
+
+
+class ClassLoss(MaskRCNNLoss):
+    requires = ("target_class_ids", "mrcnn_class_logits", "active_class_ids", "rois")
+    function = staticmethod(mrcnn_class_loss)
+
+
+class BoxLoss(MaskRCNNLoss):
+    requires = ("target_bbox", "target_class_ids", "mrcnn_bbox")
+    function = staticmethod(mrcnn_bbox_loss)
+
+
+class MaskLoss(MaskRCNNLoss):
+    requires = ("target_mask", "mask_class_ids", "mrcnn_mask_class_logits")
+    function = staticmethod(mrcnn_mask_loss)
+
+
+#: Tensors computed from the step's inputs and outputs on first use (once per step).
+DERIVED = {
+    # [batch, num_classes] 1 for the classes of each image's dataset.
+    "active_class_ids": lambda t: parse_image_meta_graph(t["input_image_meta"])["active_class_ids"],
+    # [batch, slots, h, w] mask logits of each positive slot's class (selected once for all mask losses).
+    "mrcnn_mask_class_logits": lambda t: select_class_masks(t["mrcnn_mask_logits"], t["mask_class_ids"]),
+}
+
+
+class StepTensors(collections.abc.Mapping):
+    """The tensors a loss term can ask for: the batch's inputs, the training
+    model's outputs, and the ``DERIVED`` ones, computed once when first asked."""
+
+    def __init__(self, inputs, outputs):
+        self._base = {**inputs, **outputs}
+        self._derived = {}
+
+    def __getitem__(self, key):
+        if key in self._base:
+            return self._base[key]
+        if key not in self._derived:
+            if key not in DERIVED:
+                raise KeyError(key)
+            self._derived[key] = DERIVED[key](self)
+        return self._derived[key]
+
+    def __iter__(self):
+        return iter(list(self._base) + [k for k in DERIVED if k not in self._base])
+
+    def __len__(self):
+        return len(list(iter(self)))
+
+
+def active_losses(config, extra=()):
+    """The loss terms a run with ``config`` sums, in log order: every registered
+    term whose ``for_config`` returns one (the five losses, the edge loss when
+    EDGE_LOSS_FILTERS is set), then ``config.EXTRA_LOSSES`` and ``extra``
+    (registered names or ``LossTerm`` instances). Each term's weight is
+    multiplied by ``LOSS_WEIGHTS[name]`` (1 when absent)."""
+    terms = []
+    for name in parts.MASK_RCNN_LOSSES + (parts.EDGE_LOSS,):
+        term = parts.LOSSES.entry(name)[0].for_config(config)
+        if term is not None:
+            term.name = name
+            terms.append(term)
+    for item in list(getattr(config, "EXTRA_LOSSES", None) or []) + list(extra):
+        if isinstance(item, str):
+            cls, _ = parts.LOSSES.entry(item)
+            term = cls.for_config(config)
+            if term is None:
+                continue
+            term.name = item
+        elif isinstance(item, LossTerm):
+            term = copy.copy(item)       # weighted below without touching the caller's instance
+        else:
+            raise ValueError(f"EXTRA_LOSSES: {item!r} is neither a registered loss name "
+                             f"({', '.join(parts.LOSSES.names())}) nor a LossTerm instance")
+        if not term.name:
+            raise ValueError(f"loss term {term!r} has no name: register it with mrcnn.parts.register_loss "
+                             "or pass name=")
+        terms.append(term)
+    names = [t.name for t in terms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"loss names must be unique, got {duplicates} more than once")
+    weights = dict(config.LOSS_WEIGHTS)
+    for term in terms:
+        term.weight = term.weight * float(weights.get(term.name, 1.))
+    return terms
+
+
+def check_requirements(terms, available):
+    """Raise ValueError naming the term and the tensor when a term requires a
+    tensor that is not in ``available`` (names), or ``DERIVED``."""
+    known = set(available) | set(DERIVED)
+    for term in terms:
+        missing = [k for k in term.requires if k not in known]
+        if missing:
+            raise ValueError(f"loss {term.name!r} ({type(term).__name__}) requires {missing}, which the training "
+                             f"step does not have; it has: {', '.join(sorted(known))}")
+
+
+def compute_losses(inputs, outputs, terms, normalize=None):
+    """Every term's weighted loss of one batch: {name: scalar}.
+
+    inputs: the batch dict (``mrcnn.ground_truth``); outputs: the training
+    model's output dict; terms: ``active_losses(config)``.
+    """
+    tensors = StepTensors(inputs, outputs)
+    out = {}
+    for term in terms:
+        value = term.compute({k: tensors[k] for k in term.requires}, normalize=normalize)
+        out[term.name] = ops.cast(value, "float32") * term.weight
+    return out

@@ -8,9 +8,11 @@ import tensorflow as tf
 import keras
 
 from mrcnn import model as modellib
-from mrcnn.data import build_batch
+from mrcnn.ground_truth import build_batch
 from mrcnn.synthetic import CLASS_NAMES
-from mrcnn.training import EDGE_LOSS_NAME, Trainer, compute_losses
+from mrcnn.losses import compute_losses
+from mrcnn.parts import EDGE_LOSS as EDGE_LOSS_NAME
+from mrcnn.training import Trainer
 from tiny import TinyConfig, make_dataset
 
 
@@ -47,7 +49,7 @@ def test_mask_head_receives_gradient_from_edge_loss(tmp_path):
     class_vars = [v for v in m.keras_model.trainable_variables if v.path.startswith("mrcnn_class_logits")]
     with tf.GradientTape() as tape:
         outputs = m.keras_model(batch, training=True)
-        losses = compute_losses(batch, outputs, config, trainer.edge_loss)
+        losses = compute_losses(batch, outputs, trainer.losses)
     assert int(np.sum(outputs["target_class_ids"].numpy() > 0)) > 0, "batch has no positive ROI"
     grads = tape.gradient(losses[EDGE_LOSS_NAME], mask_vars + class_vars)
     mask_grads = grads[:len(mask_vars)]

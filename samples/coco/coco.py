@@ -40,9 +40,9 @@ ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 if ROOT_DIR not in sys.path:
     sys.path.insert(0, ROOT_DIR)
 
-from mrcnn.config import BACKBONES  # noqa: E402
+from mrcnn.config import BACKBONES, DISTRIBUTE_MODES  # noqa: E402
 from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
-from mrcnn.edge_agreement import FILTERS  # noqa: E402
+from mrcnn.edge_filters import FILTERS  # noqa: E402
 from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
 from mrcnn.stages import TRAINING_MODES, epoch_plan, stage_overrides, train_stages  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
@@ -75,7 +75,7 @@ class BuiltinCocoConfig(CpuConfig):
 # ---------------------------------------------------------------------------
 
 def _norm(value):
-    from mrcnn.edge_agreement import parse_norm
+    from mrcnn.edge_filters import parse_norm
     try:
         return parse_norm(value)
     except ValueError as e:
@@ -147,7 +147,7 @@ def build_parser():
     parser.add_argument("--on-bad-sample", choices=["raise", "skip"], default="raise",
                         help="a training image that fails to load stops training (raise) or is skipped "
                              "and reported at the end of the epoch (skip)")
-    parser.add_argument("--distribute", choices=["auto", "none", "mirrored", "multiworker"], default="auto",
+    parser.add_argument("--distribute", choices=DISTRIBUTE_MODES, default="auto",
                         help="train: auto uses TF_CONFIG's workers (multiworker) or GPU_COUNT > 1 GPUs "
                              "(mirrored); see the README section on several GPUs or machines")
     parser.add_argument("--gpus", type=_positive_int, default=None, metavar="N",
@@ -165,7 +165,7 @@ def build_parser():
 def make_config(args, num_classes=None, inference=False):
     """The config for the data in use: the edge-loss, size and backbone options
     applied, NUM_CLASSES from the data (``num_classes``, background included)."""
-    from mrcnn.evaluation import COCO_DETECTION
+    from mrcnn.coco_results import COCO_DETECTION
     base = BuiltinCocoConfig if args.dataset is None else CocoConfig
     filters = args.edge_loss_filters if args.edge_loss_filters else EDGE_PRESETS[args.edge_loss]
     smooth_gt, smooth_pred = SMOOTHING[args.edge_loss_smoothing]
@@ -272,7 +272,7 @@ def train(args):
     path, exclude = resolve_weights(model, args.model)
     if path:
         log.info("loading weights %s", path)
-        model.load_weights(path, by_name=True, exclude=exclude)
+        model.load_weights(path, by_name=True, exclude=exclude, resume=args.model == "last")
     if from_scratch and mode != "single":
         log.info("no pre-trained weights (--model none): all layers train in every stage")
     log.info("training mode %s: %d steps = %d epochs x %d steps; stages (layers, last epoch, lr factor): %s",
@@ -285,7 +285,7 @@ def train(args):
 
 
 def evaluate(args):
-    from mrcnn import evaluation, metrics, model as modellib, utils, visualize
+    from mrcnn import coco_results, evaluation, metrics, model as modellib, utils, visualize
     root = dataset_root(args)
     limit = args.limit or (None if args.dataset is None else 500)
     log.info("dataset: %s; evaluating on %s val images", describe_dataset(args, root),
@@ -325,7 +325,7 @@ def evaluate(args):
                 title=f"image {dataset.image_info[image_id]['id']}", figsize=(7, 7),
                 save_path=f"{stem}_image{image_ids.index(image_id)}.png")
 
-    results, seconds = evaluation.detect_dataset(model, dataset, image_ids, on_image=score_and_draw)
+    results, seconds = coco_results.detect_dataset(model, dataset, image_ids, on_image=score_and_draw)
     coco_ids = [dataset.image_info[i]["id"] for i in image_ids]
     coco_metrics = evaluation.evaluate_all(coco, results, image_ids=coco_ids)
     table = evaluation.summarize_table(coco_metrics)
