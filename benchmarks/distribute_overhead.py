@@ -33,7 +33,7 @@ def main(argv=None):
     import keras
     import numpy as np
     from mrcnn import model as modellib
-    from mrcnn.data import build_batch
+    from mrcnn.ground_truth import build_batch
     from mrcnn.presets import CpuConfig
     from mrcnn.synthetic import SyntheticShapesDataset
     from mrcnn.training import Trainer, set_trainable

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from mrcnn import model as modellib  # noqa: E402
-from mrcnn.data import build_batch  # noqa: E402
+from mrcnn.ground_truth import build_batch  # noqa: E402
 from mrcnn.synthetic import SyntheticShapesDataset  # noqa: E402
 from mrcnn.training import Trainer, set_trainable  # noqa: E402
 from mrcnn.presets import CpuConfig  # noqa: E402

@@ -1,15 +1,18 @@
 """Does the input pipeline keep up? And how fast is evaluation?
 
-Three measurements on the built-in COCO-format data (generated once):
+Four measurements on the built-in COCO-format data (generated once):
 
-1. The batch loader alone (``mrcnn.data.BatchLoader``): images/s with 0
+0. Generating the built-in data: ms per synthetic 128x128 image
+   (``synthetic.generate_image``; about 5 ms when the machine is quiet).
+
+1. The batch loader alone (``mrcnn.loader.BatchLoader``): images/s with 0
    workers (batches built in the calling thread) and with forked worker
    processes, for each configuration.
 2. Training: the fraction of wall time the training loop waits for the next
    batch (``next(batches)`` while the workers prepare it), over ``--steps``
    steps after a warm-up, for the CPU preset (128x128) and for ResNet-50 at
    512x512 (batch 2). The target is below 5%.
-3. ``coco.py evaluate``'s detection loop (``evaluation.detect_dataset``) on
+3. ``coco.py evaluate``'s detection loop (``coco_results.detect_dataset``) on
    the built-in val images: images/s with one image per ``detect`` call and
    with batches of ``--eval-batch``.
 
@@ -39,7 +42,7 @@ def configs():
 
 
 def loader_speed(dataset, config, workers, batches):
-    from mrcnn.data import BatchLoader
+    from mrcnn.loader import BatchLoader
     it = iter(BatchLoader(dataset, config, workers=workers, seed=0))
     next(it)                                      # start-up (fork, first batch)
     t0 = time.perf_counter()
@@ -53,7 +56,7 @@ def loader_speed(dataset, config, workers, batches):
 def training_wait(dataset, config, steps, warmup, workers):
     import keras
     from mrcnn import model as modellib
-    from mrcnn.data import BatchLoader
+    from mrcnn.loader import BatchLoader
     from mrcnn.training import Trainer, set_trainable
     keras.utils.set_random_seed(0)
     m = modellib.MaskRCNN("training", config, os.path.join(ROOT_DIR, "logs", "bench"))
@@ -77,16 +80,16 @@ def evaluation_speed(dataset, config, batch, limit, weights):
     """images/s of detect_dataset with ``batch`` images per detect() call; the
     model gets the weights of the ``weights`` model, so that every batch size
     detects the same."""
-    from mrcnn import evaluation, model as modellib
+    from mrcnn import coco_results, model as modellib
     from mrcnn.checkpoints import copy_weights
-    m = modellib.MaskRCNN("inference", config.derive(IMAGES_PER_GPU=batch, **evaluation.COCO_DETECTION),
+    m = modellib.MaskRCNN("inference", config.derive(IMAGES_PER_GPU=batch, **coco_results.COCO_DETECTION),
                           os.path.join(ROOT_DIR, "logs", "bench"))
     if weights is not None:
         copy_weights(weights.keras_model, m.keras_model)
     ids = list(dataset.image_ids[:limit])
-    evaluation.detect_dataset(m, dataset, ids[:batch], progress=False)       # compile
+    coco_results.detect_dataset(m, dataset, ids[:batch], progress=False)       # compile
     t0 = time.perf_counter()
-    results, _ = evaluation.detect_dataset(m, dataset, ids, progress=False)
+    results, _ = coco_results.detect_dataset(m, dataset, ids, progress=False)
     return len(ids) / (time.perf_counter() - t0), len(results), m
 
 
@@ -100,6 +103,12 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=100)
     p.add_argument("--builtin-dir", default=os.path.join(ROOT_DIR, "data", "builtin-coco"))
     args = p.parse_args(argv)
+
+    from mrcnn.synthetic import generate_image
+    t0 = time.perf_counter()
+    for i in range(50):
+        generate_image(5, i)
+    print(f"synthetic data: {(time.perf_counter() - t0) / 50 * 1000:.1f} ms per 128x128 image (50 images)")
 
     from mrcnn.coco_dataset import CocoDataset
     from mrcnn.synthetic_coco import ensure_builtin_coco

@@ -223,7 +223,7 @@ class OursSide:
         import numpy as np
         import tensorflow as tf
         from mrcnn import model as modellib
-        from mrcnn.data import build_batch
+        from mrcnn.ground_truth import build_batch
         from mrcnn.training import Trainer, set_trainable
 
         self.label = label

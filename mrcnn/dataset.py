@@ -33,6 +33,22 @@ class Dataset(object):
 
     See ``mrcnn.coco_dataset.CocoDataset`` and ``mrcnn.synthetic.SyntheticShapesDataset``
     as examples.
+
+    In training, ``load_image`` and ``load_mask`` run in the loader's worker
+    processes (``mrcnn.loader.BatchLoader``), on a copy of the dataset:
+
+    - with ``Config.LOADER_START_METHOD`` "fork" (the default on Linux) a
+      worker is a copy of the training process: do not use TensorFlow
+      (``tf.io``, ``tf.image``...) there, nor threads, locks or clients the
+      training process created (they may hang the worker: use "spawn");
+    - with "spawn" or "forkserver" the dataset is pickled to each worker:
+      its class must be importable and its attributes picklable (drop open
+      files and locks in ``__getstate__``);
+    - files, archives (``zipfile.ZipFile``), databases or connections opened
+      in ``__init__`` are shared by forked workers and give corrupt reads:
+      reopen them in ``worker_init``.
+
+    Changes a worker makes to its copy (caches) never reach the training process.
     """
 
     def __init__(self, class_map=None):
@@ -57,6 +73,19 @@ class Dataset(object):
         image_info = {"id": image_id, "source": source, "path": path}
         image_info.update(kwargs)
         self.image_info.append(image_info)
+
+    def worker_init(self, worker_id):
+        """Called once in each loader worker process, on its copy of the
+        dataset, before it loads any image (as PyTorch's ``worker_init_fn``);
+        ``worker_id`` is 0, 1, ... Override to reopen what ``__init__``
+        opened (a ``zipfile.ZipFile``, an HDF5 or LMDB file, a database
+        connection): forked workers otherwise share one file position and
+        read each other's bytes. Not called with ``workers=0``. The base
+        class does nothing. For example::
+
+            def worker_init(self, worker_id):
+                self.archive = zipfile.ZipFile(self.archive_path)
+        """
 
     def image_reference(self, image_id):
         """Return a link to the image in its source Website or details about

@@ -478,7 +478,18 @@ class SyntheticShapesDataset(utils.Dataset):
         super().__init__(class_map)
         self._cache = collections.OrderedDict()
         self._cache_size = int(cache_size)
-        self._cache_lock = threading.Lock()  # the batch loader reads from several threads
+        self._cache_lock = threading.Lock()  # callers may read from several threads
+
+    def __getstate__(self):
+        """Picklable (spawned loader workers, ``LOADER_START_METHOD = "spawn"``):
+        without the lock and the cache, which each process makes anew."""
+        state = dict(self.__dict__)
+        state["_cache"], state["_cache_lock"] = collections.OrderedDict(), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
     def load_shapes(self, count, height=128, width=128, seed=0, split="train", **kwargs):
         """Register ``count`` images of size ``height`` x ``width``.

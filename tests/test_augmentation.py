@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mrcnn import utils
-from mrcnn.data import get_augmentation, load_image_gt
+from mrcnn.augmentation import get_augmentation
+from mrcnn.ground_truth import load_image_gt
 from mrcnn.dataset import Dataset
 
 from tiny import TinyConfig
@@ -141,3 +142,41 @@ def test_unknown_augmentations_are_rejected():
         get_augmentation("rotate")
     with pytest.raises(ValueError, match="neither"):
         get_augmentation(42)
+
+
+class Scaled(Painted):
+    """The Painted image in another pixel format: uint16 (x 257), or floats in [0, 1]."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def load_image(self, image_id):
+        image = super().load_image(image_id)
+        if self.kind == "uint16":
+            return image.astype(np.uint16) * 257
+        return image.astype(np.float32) / 255.
+
+
+@pytest.mark.parametrize("kind", ["uint16", "float01"])
+def test_training_sees_the_pixel_scale_detect_sees(kind):
+    """16-bit and [0, 1] float images train on the 0..255 scale, as detect()
+    converts them (molding.as_pixels): the molded input equals the uint8 one."""
+    from mrcnn.ground_truth import build_sample
+    from mrcnn.molding import as_image_list
+    config = TinyConfig()
+    reference = build_sample(Painted(), config, 0, rng=np.random.default_rng(0))["input_image"]
+    other = build_sample(Scaled(kind), config, 0, rng=np.random.default_rng(0))["input_image"]
+    np.testing.assert_allclose(other, reference, atol=0.51)   # rounding of the resize of uint8 only
+    pixels = as_image_list([Scaled(kind).load_image(0)], config)[0]
+    np.testing.assert_allclose(pixels, Painted().load_image(0), atol=1e-3)
+
+
+def test_albumentations_to_float_trains_and_normalize_is_refused_by_name():
+    config = TinyConfig()
+    image, *_ = load_image_gt(Painted(), config, 0, augmentation=A.ToFloat(max_value=255))
+    plain, *_ = load_image_gt(Painted(), config, 0)
+    np.testing.assert_allclose(image, plain, atol=0.51)
+    with pytest.raises(ValueError, match=r"after augmentation: values in \[-2.*not on a known scale.*"
+                                         r"INPUT_NORMALIZATION"):
+        load_image_gt(Painted(), config, 0, augmentation=A.Normalize())
