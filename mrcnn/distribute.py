@@ -20,39 +20,119 @@ are all-reduced by sum (so they are the global batch's mean gradient, exactly
 as on one device), weight decay and clipping apply to that, and the optimizer
 update runs in cross-replica context. Only the chief writes checkpoints and
 logs (``worker_info``, ``Trainer.is_chief``).
+
+TF_CONFIG is validated first (``tf_config_cluster``: a ValueError names what
+is wrong, e.g. a task index outside its cluster). Forming a multi-worker
+cluster is guarded (``guard_cluster_start``): when a task of TF_CONFIG is
+unreachable, the process ends after ``collective_timeout()`` seconds with a
+message naming the tasks that refuse connections, instead of waiting
+forever; SIGINT, and SIGTERM sent to the process group, end it at once.
 """
 
-import contextlib
 import json
 import logging
 import os
-import sys
-import threading
-import time
+import re
 
 import tensorflow as tf
 
+from mrcnn.config import DISTRIBUTE_MODES
+from mrcnn.worker_failures import (ClusterStartError, _cluster_start_error, cluster_barrier, collective_timeout,
+                                   guard_cluster_start)
+
 log = logging.getLogger(__name__)
 
-DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multiworker")
-#: Seconds a collective operation waits for the other workers before failing,
-#: so that a dead worker gives an error instead of a hang (environment
-#: variable MRCNN_COLLECTIVE_TIMEOUT).
-COLLECTIVE_TIMEOUT = float(os.environ.get("MRCNN_COLLECTIVE_TIMEOUT", 300))
+#: "host:port" (host a name, an IPv4 address or a bracketed IPv6 address).
+_ADDRESS = re.compile(r"(?:\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?):([0-9]{1,5})")
+#: The jobs of TF_CONFIG whose tasks train (MultiWorkerMirroredStrategy's workers).
+TRAINING_JOBS = ("chief", "worker")
 
+def tf_config_cluster():
+    """The validated TF_CONFIG, or None when it is unset.
 
-def tf_config_tasks():
-    """(task type, task index, number of workers incl. the chief) from TF_CONFIG, or None."""
+    Returns (cluster, task type, task index): cluster maps each job ("chief",
+    "worker", ...) to its list of "host:port" addresses. Raises ValueError
+    naming what is wrong when TF_CONFIG is not JSON, a job is not a list of
+    "host:port" addresses, an address appears twice, there are several chiefs,
+    the task's type is not a job of the cluster, or its index is outside that
+    job. A TF_CONFIG without "task" is accepted only for a one-task cluster.
+    """
     raw = os.environ.get("TF_CONFIG")
-    if not raw:
+    if not raw or not raw.strip():
         return None
     try:
         spec = json.loads(raw)
-        cluster, task = spec["cluster"], spec.get("task", {})
-        workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-        return task.get("type", "worker"), int(task.get("index", 0)), workers
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON with a 'cluster' and a 'task': {e}; got {raw!r}") from e
+    except ValueError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {raw!r}") from None
+
+    def bad(what):
+        return ValueError(f"TF_CONFIG {what} (TF_CONFIG={raw!r})")
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("cluster"), dict) or not spec["cluster"]:
+        raise bad("has no 'cluster' (an object mapping each job to its list of addresses)")
+    cluster, seen = {}, {}
+    for job, addresses in spec["cluster"].items():
+        if not isinstance(addresses, list) or not addresses:
+            raise bad(f"cluster[{job!r}] is not a non-empty list of 'host:port' addresses")
+        for i, address in enumerate(addresses):
+            match = _ADDRESS.fullmatch(address) if isinstance(address, str) else None
+            if not match or not 0 < int(match.group(1)) < 65536:
+                raise bad(f"cluster[{job!r}][{i}] = {address!r} is not a 'host:port' address "
+                          "(a port from 1 to 65535)")
+            if address in seen:
+                raise bad(f"cluster[{job!r}][{i}] = {address!r} is also {seen[address]}: "
+                          "every task needs its own address")
+            seen[address] = f"cluster[{job!r}][{i}]"
+        cluster[job] = list(addresses)
+    if len(cluster.get("chief", [])) > 1:
+        raise bad(f"has {len(cluster['chief'])} chiefs; a cluster has at most one")
+    task = spec.get("task")
+    if task is None:
+        if len(seen) > 1:
+            raise bad(f"has no 'task' but its cluster has {len(seen)} tasks: each process needs "
+                      "its own {\"type\": ..., \"index\": ...}")
+        return cluster, next(iter(cluster)), 0
+    if not isinstance(task, dict):
+        raise bad("'task' is not an object {\"type\": ..., \"index\": ...}")
+    task_type, index = task.get("type"), task.get("index", 0)
+    if task_type not in cluster:
+        raise bad(f"task type {task_type!r} is not a job of its cluster (jobs: {', '.join(cluster)})")
+    if isinstance(index, str) and index.strip().isdigit():
+        index = int(index)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise bad(f"task index {index!r} is not an integer")
+    if not 0 <= index < len(cluster[task_type]):
+        raise bad(f"task index {index} is outside its cluster: job {task_type!r} has "
+                  f"{len(cluster[task_type])} task(s), indices 0 to {len(cluster[task_type]) - 1}")
+    return cluster, task_type, index
+
+
+def tf_config_tasks():
+    """(task type, task index, number of workers incl. the chief) from TF_CONFIG, or None.
+
+    Raises ValueError when TF_CONFIG is invalid (see ``tf_config_cluster``).
+    """
+    parsed = tf_config_cluster()
+    if parsed is None:
+        return None
+    cluster, task_type, index = parsed
+    return task_type, index, sum(len(cluster.get(job, [])) for job in TRAINING_JOBS)
+
+
+def cluster_tasks():
+    """This process's task and the other training tasks of TF_CONFIG.
+
+    Returns ((job, index, address), [(job, index, address), ...]) over the
+    chief and worker jobs, or None when TF_CONFIG is unset.
+    """
+    parsed = tf_config_cluster()
+    if parsed is None:
+        return None
+    cluster, task_type, index = parsed
+    me = (task_type, index, cluster[task_type][index])
+    peers = [(job, i, address) for job in TRAINING_JOBS for i, address in enumerate(cluster.get(job, []))
+             if (job, i) != (task_type, index)]
+    return me, peers
 
 
 def resolve_mode(config):
@@ -78,7 +158,14 @@ def _devices(count):
 
 
 def make_strategy(config):
-    """The ``tf.distribute`` strategy for training with ``config`` (see the module docstring)."""
+    """The ``tf.distribute`` strategy for training with ``config`` (see the module docstring).
+
+    For "multiworker" (or "auto" with a TF_CONFIG of several tasks): raises
+    ValueError for an invalid TF_CONFIG, and ClusterStartError when the
+    cluster cannot form (this task's port taken, another task failing);
+    returns once every task has joined (``cluster_barrier``), or ends the
+    process after ``collective_timeout()`` seconds (``guard_cluster_start``).
+    """
     mode = resolve_mode(config)
     if mode == "none":
         return tf.distribute.get_strategy()
@@ -93,13 +180,30 @@ def make_strategy(config):
             return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
         return tf.distribute.MirroredStrategy(devices)
     if mode == "multiworker":
-        if not tf_config_tasks():
+        tasks = cluster_tasks()
+        if not tasks:
             raise ValueError("DISTRIBUTE='multiworker' needs TF_CONFIG (the cluster's workers and this "
                              "process's task); see the README section on several machines")
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        log.info("MultiWorkerMirroredStrategy: %d replicas, worker %s", strategy.num_replicas_in_sync,
-                 tf_config_tasks()[:2])
+        me, peers = tasks
+        if me[0] not in TRAINING_JOBS:
+            raise ValueError(f"TF_CONFIG task type {me[0]!r}: MultiWorkerMirroredStrategy trains on the "
+                             f"tasks of the jobs {TRAINING_JOBS} only")
+        timeout = collective_timeout()
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+        log.info("%s %d (%s) of TF_CONFIG: waiting up to %.0f s for the other %d task(s) to join",
+                 me[0], me[1], me[2], timeout, len(peers))
+        with guard_cluster_start(me, peers, timeout):
+            try:
+                strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+                replicas = cluster_barrier(strategy)
+            except tf.errors.OpError as e:
+                raise _cluster_start_error(e, me, peers) from e
+        if replicas != strategy.num_replicas_in_sync:
+            raise ClusterStartError(f"the cluster's all-reduce counted {replicas} replicas, expected "
+                                    f"{strategy.num_replicas_in_sync}: are GPU_COUNT and TF_CONFIG the same "
+                                    "on every task?")
+        log.info("MultiWorkerMirroredStrategy: %d replicas, %s %d of TF_CONFIG", strategy.num_replicas_in_sync,
+                 me[0], me[1])
         return strategy
     raise ValueError(f"DISTRIBUTE={mode!r}; choose one of {DISTRIBUTE_MODES}")
 
@@ -137,72 +241,3 @@ def sum_over_replicas(values):
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return values
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-
-class WorkerFailedError(RuntimeError):
-    """A collective operation failed because another worker died or became unreachable."""
-
-
-#: TensorFlow errors a collective raises when a peer is gone.
-PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-               tf.errors.AbortedError)
-
-
-def peer_failure(error, what):
-    """A WorkerFailedError explaining ``error`` (raised inside ``what``)."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return WorkerFailedError(
-        f"{what}: another worker of the cluster died or became unreachable ({type(error).__name__}: "
-        f"{first_line}). Restart every worker to resume from the chief's last checkpoint "
-        "(model.load_weights(model.find_last())).")
-
-
-class Watchdog:
-    """Turns a hung collective operation into a clear error.
-
-    When a worker of a multi-worker cluster dies, the others can wait forever
-    inside a collective. ``with watchdog.watch("step 12"):`` arms a deadline
-    of ``timeout`` seconds (the first call gets three times as long: it traces
-    and compiles); if the block has not finished by then, a background thread
-    logs which operation hung and why, and ends the process with exit status
-    75. Checkpoints are written atomically, so ``find_last()`` on the chief's
-    folder resumes once every worker is back.
-    """
-
-    EXIT_STATUS = 75
-
-    def __init__(self, timeout=COLLECTIVE_TIMEOUT, description="multi-worker training"):
-        self.timeout = float(timeout)
-        self.description = description
-        self._deadline = None
-        self._what = None
-        self._first = True
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, daemon=True, name="mrcnn-watchdog").start()
-
-    @contextlib.contextmanager
-    def watch(self, what):
-        limit = self.timeout * (3 if self._first else 1)
-        with self._lock:
-            self._deadline, self._what = time.monotonic() + limit, what
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._deadline = None
-            self._first = False
-
-    def _run(self):
-        while True:
-            time.sleep(0.5)
-            with self._lock:
-                late = self._deadline is not None and time.monotonic() > self._deadline
-                what = self._what
-            if late:
-                message = (f"mrcnn: {what} of {self.description} made no progress for {self.timeout:.0f} s: "
-                           "another worker is dead or unreachable. Exiting; restart every worker to resume "
-                           "from the chief's last checkpoint (model.load_weights(model.find_last())). "
-                           "The limit is MRCNN_COLLECTIVE_TIMEOUT.")
-                log.critical(message)
-                print(message, file=sys.stderr, flush=True)
-                os._exit(self.EXIT_STATUS)

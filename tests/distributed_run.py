@@ -10,15 +10,22 @@
         One worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG set by
         the caller): train the tiny config until EPOCHS (resuming from
         find_last() when MODEL_DIR has a checkpoint) and write a digest of the
-        final weights.
+        final weights. Prints CLUSTER_FORMED once the strategy exists.
+
+SIGINT raises KeyboardInterrupt as in a terminal, even when the caller ignores
+it (as a background job's shell does).
 """
 
 import hashlib
 import json
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+signal.signal(signal.SIGINT, signal.default_int_handler)
+#: Printed by a worker once its MultiWorkerMirroredStrategy exists (the cluster formed).
+CLUSTER_FORMED = "mrcnn-test: cluster formed"
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
@@ -50,7 +57,7 @@ def mirrored(out_path):
     import numpy as np
     import keras
     from mrcnn import model as modellib
-    from mrcnn.data import BatchLoader
+    from mrcnn.loader import BatchLoader
     from mrcnn.training import Trainer, set_trainable
     from tiny import make_dataset
     dataset = make_dataset(8, seed=1)
@@ -124,12 +131,13 @@ def worker(model_dir, epochs, out_path):
     config = tiny_config(IMAGES_PER_GPU=1, DISTRIBUTE="multiworker")
     keras.utils.set_random_seed(0)
     m = modellib.MaskRCNN("training", config, model_dir)
+    print(CLUSTER_FORMED, flush=True)
     try:
         last = m.find_last()
     except FileNotFoundError:
         last = None
     if last:
-        m.load_weights(last)
+        m.load_weights(last, resume=True)
     m.train(make_dataset(8, seed=1), None, 0.01, epochs=int(epochs), layers="all", seed=0, workers=0)
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(w.numpy()).tobytes()
                                      for w in m.keras_model.weights)).hexdigest()

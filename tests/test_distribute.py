@@ -1,34 +1,67 @@
 """Training on several devices and machines (tf.distribute), on this CPU.
 
-Each test runs ``tests/distributed_run.py`` in fresh Python processes: logical
-CPU devices must be configured before TensorFlow starts, and a multi-worker
-cluster is several processes talking over localhost ports. Every process is
-killed and every port released at the end, whatever happens.
+Each training test runs ``tests/distributed_run.py`` in fresh Python
+processes: logical CPU devices must be configured before TensorFlow starts,
+and a multi-worker cluster is several processes talking over localhost ports.
+Every process is killed and every port released at the end, whatever happens.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "distributed_run.py")
+#: What a worker prints when another process took its port between
+#: ``free_ports`` and the start of its gRPC server (mrcnn.distribute's
+#: ClusterStartError); the launch is then retried with new ports.
+PORT_TAKEN = "could not listen on"
+LAUNCH_ATTEMPTS = 3
+#: Printed by distributed_run.py's worker once its cluster formed.
+CLUSTER_FORMED = "mrcnn-test: cluster formed"
 
 
 def free_ports(n):
+    """n ports free right now (bound to port 0 and released).
+
+    Another process can take one before a worker binds it: the launches below
+    retry with new ports when a worker reports PORT_TAKEN.
+    """
     sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
-            s.bind(("localhost", 0))
+            s.bind(("", 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
             s.close()
+
+
+@contextlib.contextmanager
+def unreachable_port():
+    """A port bound but not listening while the block runs: connecting to it is
+    refused (an unreachable worker), and no other process can take it."""
+    s = socket.socket()
+    try:
+        s.bind(("", 0))
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def worker_env(addresses, index, **extra):
+    """The environment of distributed_run.py's worker ``index`` of a cluster of ``addresses``."""
+    tf_config = {"cluster": {"worker": list(addresses)}, "task": {"type": "worker", "index": index}}
+    return {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run(args, timeout, env=None):
@@ -66,26 +99,53 @@ def test_two_logical_devices_match_one_device_with_the_same_global_batch(tmp_pat
 
 
 class Cluster:
-    """Two worker processes of a MultiWorkerMirroredStrategy on localhost."""
+    """Two worker processes of a MultiWorkerMirroredStrategy on localhost.
+
+    Starts them, and starts them again on new ports (up to LAUNCH_ATTEMPTS
+    times) when a worker reports that its port was taken by another process
+    before it could listen on it.
+    """
 
     def __init__(self, tmp_path, epochs, tag):
-        self.tmp_path = tmp_path
-        ports = free_ports(2)
-        cluster = {"worker": [f"localhost:{p}" for p in ports]}
+        self.tmp_path, self.epochs, self.tag = tmp_path, epochs, tag
         self.temp = tmp_path / f"tmp-{tag}"
+        self.outs = [tmp_path / f"{tag}-worker{index}.json" for index in range(2)]
+        self.procs, self.logs = [], []
+        try:
+            for attempt in range(LAUNCH_ATTEMPTS):
+                self._launch()
+                if not self._port_taken():
+                    break
+                self.close()
+        except BaseException:
+            self.close()
+            raise
+
+    def _launch(self):
+        shutil.rmtree(self.temp, ignore_errors=True)        # what an earlier attempt left
         self.temp.mkdir()
-        self.procs, self.logs, self.outs = [], [], []
+        addresses = [f"localhost:{p}" for p in free_ports(2)]
+        self.procs, self.logs = [], []
         for index in range(2):
-            out = tmp_path / f"{tag}-worker{index}.json"
-            log = open(tmp_path / f"{tag}-worker{index}.log", "w")
-            env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker",
-                                                                                         "index": index}}),
-                   "PYTHONUNBUFFERED": "1", "MRCNN_COLLECTIVE_TIMEOUT": "30", "TMPDIR": str(self.temp)}
+            log = open(self.tmp_path / f"{self.tag}-worker{index}.log", "w")
+            env = worker_env(addresses, index, MRCNN_COLLECTIVE_TIMEOUT="30", TMPDIR=str(self.temp))
             self.procs.append(subprocess.Popen(
-                [sys.executable, SCRIPT, "worker", str(tmp_path / "models"), str(epochs), str(out)],
+                [sys.executable, SCRIPT, "worker", str(self.tmp_path / "models"), str(self.epochs),
+                 str(self.outs[index])],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             self.logs.append(log)
-            self.outs.append(out)
+
+    def _port_taken(self, timeout=240):
+        """Whether a worker failed on a taken port (waits until both formed the
+        cluster, one exited, or ``timeout`` seconds passed)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if all(CLUSTER_FORMED in self.log(i) for i in range(2)):
+                return False
+            if any(p.poll() is not None for p in self.procs):
+                return any(PORT_TAKEN in self.log(i) for i in range(2))
+            time.sleep(0.5)
+        return False
 
     def wait(self, timeout):
         deadline = time.time() + timeout
@@ -150,3 +210,127 @@ def test_a_killed_worker_gives_a_clear_error_not_a_hang(tmp_path):
         assert "another worker of the cluster died or became unreachable" in cluster.log(0)
     finally:
         cluster.close()
+
+
+# --- TF_CONFIG and the start of the cluster ----------------------------------
+
+GOOD = {"cluster": {"worker": ["localhost:12345", "localhost:12346"]}, "task": {"type": "worker", "index": 1}}
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ({**GOOD, "task": {"type": "worker", "index": 2}}, "task index 2 is outside its cluster"),
+    ({**GOOD, "task": {"type": "worker", "index": -1}}, "task index -1 is outside its cluster"),
+    ({**GOOD, "task": {"type": "chief", "index": 0}}, "task type 'chief' is not a job of its cluster"),
+    ({**GOOD, "task": {"type": "worker", "index": "one"}}, "task index 'one' is not an integer"),
+    ({**GOOD, "cluster": {"worker": ["localhost:12345", "localhost"]}},
+     "cluster['worker'][1] = 'localhost' is not a 'host:port' address"),
+    ({**GOOD, "cluster": {"worker": ["localhost:12345", "localhost:99999"]}}, "is not a 'host:port' address"),
+    ({**GOOD, "cluster": {"worker": ["localhost:12345", "localhost:12345"]}}, "every task needs its own address"),
+    ({**GOOD, "cluster": {"worker": "localhost:12345"}}, "is not a non-empty list"),
+    ({**GOOD, "cluster": {"chief": ["a:1", "b:1"], "worker": ["c:1"]}}, "has 2 chiefs"),
+    ({"cluster": GOOD["cluster"]}, "has no 'task' but its cluster has 2 tasks"),
+    ({"task": GOOD["task"]}, "has no 'cluster'"),
+    ("{not json", "is not valid JSON"),
+])
+def test_an_invalid_tf_config_is_an_error_naming_what_is_wrong(monkeypatch, tf_config, message):
+    from mrcnn import distribute
+    monkeypatch.setenv("TF_CONFIG", tf_config if isinstance(tf_config, str) else json.dumps(tf_config))
+    with pytest.raises(ValueError) as error:
+        distribute.tf_config_tasks()
+    assert message in str(error.value)
+    # Neither "auto" (which would otherwise train on one machine) nor "multiworker" start.
+    for mode in ("auto", "multiworker"):
+        with pytest.raises(ValueError) as error:
+            distribute.make_strategy(types.SimpleNamespace(DISTRIBUTE=mode, GPU_COUNT=1))
+        assert message in str(error.value)
+
+
+def test_a_valid_tf_config_names_this_task_and_its_peers(monkeypatch):
+    from mrcnn import distribute
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["[::1]:2000"], "worker": ["host-a.example:2001", "10.0.0.2:2002"]},
+         "task": {"type": "worker", "index": 1}}))
+    assert distribute.tf_config_tasks() == ("worker", 1, 3)
+    assert distribute.cluster_tasks() == (("worker", 1, "10.0.0.2:2002"),
+                                          [("chief", 0, "[::1]:2000"), ("worker", 0, "host-a.example:2001")])
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["localhost:2000"]}}))
+    assert distribute.tf_config_tasks() == ("worker", 0, 1)
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.tf_config_tasks() is None
+
+
+def test_probe_peers_names_the_tasks_that_refuse_connections():
+    from mrcnn import worker_failures
+    with unreachable_port() as closed, socket.socket() as listening:
+        listening.bind(("localhost", 0))
+        listening.listen()
+        peers = [("worker", 0, f"localhost:{listening.getsockname()[1]}"), ("worker", 1, f"localhost:{closed}")]
+        assert worker_failures.probe_peers(peers) == [("worker", 1, f"localhost:{closed}", "Connection refused")]
+
+
+def worker_cmd(tmp_path):
+    return [sys.executable, SCRIPT, "worker", str(tmp_path / "models"), "1", str(tmp_path / "out.json")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("absent", [1, 0], ids=["leader_waits", "follower_waits"])
+def test_an_unreachable_worker_gives_a_clear_error_not_a_hang(tmp_path, absent):
+    # Worker 0 leads TensorFlow's coordination service; both sides used to wait forever.
+    with unreachable_port() as port:
+        for attempt in range(LAUNCH_ATTEMPTS):
+            addresses = [f"localhost:{p}" for p in free_ports(2)]
+            addresses[absent] = f"localhost:{port}"
+            done = subprocess.run(worker_cmd(tmp_path), capture_output=True, text=True, timeout=240,
+                                  env=worker_env(addresses, 1 - absent, MRCNN_COLLECTIVE_TIMEOUT="5"))
+            if PORT_TAKEN not in done.stderr:
+                break
+    assert done.returncode != 0
+    assert f"worker {absent} at localhost:{port} (Connection refused)" in done.stderr, done.stderr[-3000:]
+    assert CLUSTER_FORMED not in done.stdout
+
+
+def wait_until_listening(proc, port, log_path, timeout=240):
+    """Wait until ``proc`` accepts connections on ``port``: its gRPC server is up,
+    so it is inside MultiWorkerMirroredStrategy's constructor, waiting for the
+    other workers. False when it exited first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("the worker never started its server:\n" + log_path.read_text()[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_worker_waiting_for_its_cluster_stops_on_a_signal(tmp_path, signum):
+    # As from a terminal (Ctrl-C) or a job scheduler: the signal goes to the process group.
+    log_path = tmp_path / "worker.log"
+    with unreachable_port() as absent:
+        for attempt in range(LAUNCH_ATTEMPTS):
+            port = free_ports(1)[0]
+            env = worker_env([f"localhost:{port}", f"localhost:{absent}"], 0, MRCNN_COLLECTIVE_TIMEOUT="600")
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(worker_cmd(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            try:
+                if not wait_until_listening(proc, port, log_path):
+                    assert PORT_TAKEN in log_path.read_text(), log_path.read_text()[-3000:]
+                    continue
+                os.killpg(proc.pid, signum)
+                try:
+                    code = proc.wait(timeout=20)              # it used to ignore both
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"{signum!r} did not stop the worker:\n{log_path.read_text()[-3000:]}")
+                assert code != 0
+                break
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        else:
+            pytest.fail(f"the worker's port was taken {LAUNCH_ATTEMPTS} times")
