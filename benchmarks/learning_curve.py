@@ -3,7 +3,7 @@
 Trains one model from scratch with one ``train()`` call (the config's
 learning-rate schedule spans all ``--steps``) and evaluates it every
 ``--steps / --evals`` steps on the built-in val images, with COCO-style
-detections (``evaluation.COCO_DETECTION``: every class above 0.05, NMS 0.5,
+detections (``coco_results.COCO_DETECTION``: every class above 0.05, NMS 0.5,
 100 per image). Prints one row per evaluation: step, minutes of training so
 far (evaluation time excluded, compilation included), mask AP, AP50, AP75,
 Boundary AP and box AP.
@@ -64,7 +64,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     import keras
-    from mrcnn import evaluation, model as modellib
+    from mrcnn import callbacks, coco_results, model as modellib
     from mrcnn.coco_dataset import CocoDataset
     from mrcnn.synthetic_coco import ensure_builtin_coco
 
@@ -83,9 +83,9 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     model = modellib.MaskRCNN("training", config, model_dir=args.out)
     inference = modellib.MaskRCNN("inference", config.derive(IMAGES_PER_GPU=args.eval_batch,
-                                                             **evaluation.COCO_DETECTION),
+                                                             **coco_results.COCO_DETECTION),
                                   model_dir=args.out)
-    curve = evaluation.PeriodicEvaluation(inference, datasets["val"], val_coco, every=1,
+    curve = callbacks.PeriodicEvaluation(inference, datasets["val"], val_coco, every=1,
                                           log_dir=model.log_dir, progress=False)
     t0 = time.time()
     model.train(datasets["train"], None, config.LEARNING_RATE, epochs=args.evals, layers="all",

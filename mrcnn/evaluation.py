@@ -1,28 +1,49 @@
-"""COCO evaluation: box AP, mask AP (pycocotools) and Boundary AP.
+"""COCO evaluation: box AP, mask AP and Boundary AP, computed with faster-coco-eval.
 
-Three IoU types are supported by :func:`evaluate`:
+The matching, accumulation and mask/box IoUs are faster-coco-eval's
+``COCOeval_faster`` (a C++ port of pycocotools' ``COCOeval``; same numbers as
+pycocotools to within float rounding, about 1e-16). Three IoU types are
+supported by :func:`evaluate`:
 
 ``"bbox"``
-    pycocotools ``COCOeval(iouType="bbox")``.
+    COCO box AP (``iouType="bbox"``).
 ``"segm"``
-    pycocotools ``COCOeval(iouType="segm")``. The ``bbox`` field of the
-    detections is dropped before loading them, so that the small/medium/large
-    area ranges of the detections use the *mask* area (as Detectron2 does;
-    with a ``bbox`` field pycocotools would use the box area). ``AP``, ``AP50``
+    COCO mask AP (``iouType="segm"``). The ``bbox`` field of the detections is
+    dropped before loading them, so that the small/medium/large area ranges of
+    the detections use the *mask* area (as Detectron2 does; with a ``bbox``
+    field pycocotools and faster-coco-eval use the box area). ``AP``, ``AP50``
     and ``AP75`` do not depend on this; ``APs/APm/APl`` do.
 ``"boundary"``
     Boundary AP (Cheng et al., "Boundary IoU: Improving Object-Centric Image
-    Segmentation Evaluation", CVPR 2021). Every mask is reduced to its
-    *boundary band*: the mask minus its erosion by a 3x3 square structuring
-    element repeated ``d = max(1, round(dilation_ratio * image_diagonal))``
-    times, with everything outside the image counted as background (so pixels
-    on the image border are boundary pixels). A detection and a ground truth
-    are matched on ``min(mask IoU, boundary IoU)`` where the boundary IoU is the
-    IoU of the two bands. Crowd ground truth keeps COCO's crowd semantics and
-    uses the plain mask IoU (intersection / detection area). Everything else
-    (matching, area ranges on the mask area, 101-point interpolated precision)
-    is pycocotools' COCO AP. The original ``boundary-iou-api`` package is not on
-    PyPI and does not run on NumPy >= 1.24, hence this implementation.
+    Segmentation Evaluation", CVPR 2021), faster-coco-eval's
+    ``iouType="boundary"``. Every mask is reduced to its *boundary band*: the
+    mask minus its erosion by a 3x3 square structuring element repeated
+    ``d = max(1, round(dilation_ratio * image_diagonal))`` times, with
+    everything outside the image counted as background (so pixels on the image
+    border are boundary pixels). A detection and a ground truth are matched on
+    ``min(mask IoU, boundary IoU)`` where the boundary IoU is the IoU of the two
+    bands. Crowd ground truth keeps COCO's crowd semantics and uses the plain
+    mask IoU (intersection / detection area). Everything else (matching, area
+    ranges on the mask area, 101-point interpolated precision) is COCO AP.
+
+    faster-coco-eval's own bands would differ in two ways, so the bands are
+    supplied here (the same pixels as :func:`mask_boundary_band`): (a) it
+    rounds an exact half-pixel ``dilation_ratio * diagonal`` down (its C++
+    computes ``round(ratio * diagonal - 1e-10)``: 1.5 -> 1 for a 45x60 image,
+    7.5 -> 7 for 225x300, 13.5 -> 13 for 405x540) where the reference
+    implementation (``boundary-iou-api``, Python's ``round``) rounds half to
+    even (2, 8, 14); (b) it computes the band of every annotation with ``d``
+    repeated erosions, about 2x slower than pycocotools + NumPy on COCO-sized
+    data. Here a band is computed only for the annotations of (image,
+    category) pairs that have both ground truth and detections, when that
+    pair's IoUs are, by faster-coco-eval's RLE erosion with exactly ``d``
+    for small masks and by :func:`mask_boundary_band` for large ones
+    (whichever is faster). ``benchmarks/evaluation_speed.py`` compares the
+    result with pycocotools and the previous pycocotools-based Boundary AP.
+
+The detections come from ``mrcnn.coco_results`` (``detect_dataset``,
+``build_coco_results``); scoring a model while it trains is
+``mrcnn.callbacks.PeriodicEvaluation``.
 
 All metrics are returned as a dict of Python floats with the 12 names of
 ``COCOeval.summarize()``: ``AP AP50 AP75 APs APm APl AR1 AR10 AR100 ARs ARm ARl``.
@@ -30,31 +51,28 @@ As in pycocotools, a metric is ``-1.0`` when no ground truth falls in its
 category/area range (e.g. ``APs`` on a dataset without small objects); with no
 detections at all the metrics that have ground truth are ``0.0``.
 
-pycocotools prints a lot; its output is captured and logged at DEBUG level
-(the summary at INFO level).
-
-Note: like pycocotools itself, ``"segm"`` and ``"boundary"`` evaluation replace
-the ``segmentation`` field of the ground-truth annotations of ``coco_gt`` by
-their compressed RLE (in place).
+The summary that ``COCOeval.summarize()`` prints is logged at DEBUG level (the
+12 numbers at INFO level). The ground truth ``coco_gt`` (a pycocotools
+``COCO``) is not modified: faster-coco-eval works on shallow copies of its
+annotations. faster-coco-eval computes the mask IoUs of an evaluation on up to
+``min(8, CPUs)`` threads.
 
 This module does not import TensorFlow.
 """
 
-import contextlib
-import copy
 import csv
-import io
 import json
 import logging
 import math
 import os
-import time
+import threading
 
 import numpy as np
 import scipy.ndimage
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
+from faster_coco_eval.core import mask as _library_mask
 from pycocotools import mask as maskUtils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -82,6 +100,18 @@ def dilation_pixels(height, width, dilation_ratio=0.02):
     return max(1, int(round(dilation_ratio * diagonal)))
 
 
+def _crop_band(crop, dilation):
+    """Band of a bool crop that contains the whole mask (background beyond it).
+
+    ``dilation`` 3x3 erosions are one erosion by a ``(2 dilation + 1)``
+    square, i.e. a minimum filter (separable, cost independent of
+    ``dilation``) with zeros beyond the crop.
+    """
+    eroded = scipy.ndimage.minimum_filter(crop.view(np.uint8), size=2 * int(dilation) + 1,
+                                          mode="constant", cval=0)
+    return crop & ~eroded.view(bool)
+
+
 def mask_boundary_band(mask, dilation):
     """Boundary band of a binary mask.
 
@@ -90,9 +120,9 @@ def mask_boundary_band(mask, dilation):
     whose chessboard distance to the nearest background pixel (inside the
     image or beyond its border) is at most ``dilation``.
 
-    Implemented with one chessboard distance transform on the mask's bounding
-    box padded by one background pixel (exactly equivalent to ``dilation``
-    3x3 erosions, and independent of ``dilation`` in cost).
+    Implemented as one minimum filter of size ``2 * dilation + 1`` on the
+    mask's bounding box with background beyond it (exactly equivalent to
+    ``dilation`` 3x3 erosions, and independent of ``dilation`` in cost).
 
     Args:
         mask: ``[H, W]`` array, non-zero = object.
@@ -114,10 +144,29 @@ def mask_boundary_band(mask, dilation):
     y1, y2, x1, x2 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     # Everything outside the bounding box is background, so eroding the crop
     # with a background border gives the same result as eroding the image.
-    crop = np.pad(mask[y1:y2, x1:x2], 1, mode="constant", constant_values=False)
-    dist = scipy.ndimage.distance_transform_cdt(crop, metric="chessboard")
-    band[y1:y2, x1:x2] = (crop & (dist <= dilation))[1:-1, 1:-1]
+    band[y1:y2, x1:x2] = _crop_band(np.ascontiguousarray(mask[y1:y2, x1:x2]), dilation)
     return band
+
+
+def _band_rle(rle, dilation_ratio):
+    """Compressed RLE of the boundary band of a compressed RLE mask, ``d`` from its size.
+
+    The same band as :func:`mask_boundary_band`, computed by whichever is
+    faster: faster-coco-eval's erosion of the RLE (cost ~ box area x ``d``,
+    for small masks) or the NumPy band of the decoded mask's box (cost ~
+    image area, for large ones). faster-coco-eval's ``rleToBoundary`` takes a
+    ratio of the diagonal and rounds ``ratio * diagonal - 1e-10``; passing
+    ``d / diagonal`` makes that exactly ``d``.
+    """
+    height, width = (int(s) for s in rle["size"])
+    d = dilation_pixels(height, width, dilation_ratio)
+    x, y, w, h = (int(v) for v in maskUtils.toBbox(rle))
+    if w * h * d <= height * width // 2:
+        return _library_mask.rleToBoundary(rle, d / math.sqrt(float(height) ** 2 + float(width) ** 2))
+    band = np.zeros((height, width), np.uint8, order="F")
+    crop = maskUtils.decode(rle)[y:y + h, x:x + w].astype(bool)
+    band[y:y + h, x:x + w] = _crop_band(crop, d)
+    return maskUtils.encode(band)
 
 
 def boundary_iou(mask_a, mask_b, dilation_ratio=0.02):
@@ -142,17 +191,33 @@ def boundary_iou(mask_a, mask_b, dilation_ratio=0.02):
 
 
 ############################################################
-#  COCOeval subclasses
+#  The evaluator
 ############################################################
 
-class _ProgressCOCOeval(COCOeval):
-    """``COCOeval`` that can show a tqdm bar over the (image, category) IoU
-    computations, the slow part of ``evaluate()``."""
+class _Evaluator(COCOeval_faster):
+    """faster-coco-eval's ``COCOeval_faster`` with a progress bar over the
+    (image, category) IoU computations and, for ``"boundary"``, the bands of
+    :func:`mask_boundary_band` computed when an (image, category) pair's IoUs
+    are (see the module doc).
 
-    def __init__(self, cocoGt=None, cocoDt=None, iouType="segm", progress=False):
-        super().__init__(cocoGt, cocoDt, iouType)
+    faster-coco-eval prepares the annotations in ``_prepare`` (their RLE in
+    ``ann["rle"]`` and, when ``params.compute_boundary``, the band in
+    ``ann["boundary"]``, which ``computeIoU`` reads). Here ``_prepare`` runs
+    with ``compute_boundary`` off, and ``computeIoU`` fills ``ann["boundary"]``
+    of its pair's annotations first. Each annotation belongs to one pair, so
+    faster-coco-eval's IoU threads never share one.
+    """
+
+    def __init__(self, coco_gt, coco_dt, iou_type, dilation_ratio=0.02, progress=False, output=None):
+        def collect(*args, **kwargs):
+            (output.append if output is not None else log.debug)(" ".join(str(a) for a in args))
+
+        super().__init__(coco_gt, coco_dt, iouType=iou_type, boundary_dilation_ratio=dilation_ratio,
+                         print_function=collect)
         self.progress = progress
         self._bar = None
+        self._lock = threading.Lock()
+        self._pending = {}
 
     def evaluate(self):
         n_images = len(np.unique(self.params.imgIds))
@@ -164,82 +229,37 @@ class _ProgressCOCOeval(COCOeval):
                 super().evaluate()
             finally:
                 self._bar = None
+                self._pending = {}
 
-    def computeIoU(self, imgId, catId):
-        if self._bar is not None:
-            self._bar.update(1)
-        return super().computeIoU(imgId, catId)
-
-
-class BoundaryCOCOeval(_ProgressCOCOeval):
-    """pycocotools ``COCOeval`` (``iouType="segm"``) matching on
-    ``min(mask IoU, boundary IoU)``, i.e. Boundary AP.
-
-    Crowd ground truth uses the plain mask IoU (COCO crowd semantics).
-    Boundary bands are computed once per annotation and cached for the
-    duration of ``evaluate()``.
-
-    Args:
-        cocoGt, cocoDt: pycocotools ``COCO`` objects (ground truth, results).
-        dilation_ratio: band width as a fraction of the image diagonal.
-        progress: show a tqdm progress bar.
-    """
-
-    def __init__(self, cocoGt=None, cocoDt=None, dilation_ratio=0.02, progress=False):
-        super().__init__(cocoGt, cocoDt, iouType="segm", progress=progress)
-        if not dilation_ratio > 0:
-            raise ValueError(f"dilation_ratio must be > 0, got {dilation_ratio}")
-        self.dilation_ratio = float(dilation_ratio)
-        self._band_cache = {}
-
-    def evaluate(self):
-        self._band_cache = {}
-        try:
-            super().evaluate()
-        finally:
-            self._band_cache = {}
-
-    def _band_rle(self, ann, kind):
-        """Compressed RLE of the boundary band of an annotation whose
-        ``segmentation`` is already a compressed RLE (after ``_prepare``)."""
-        key = (kind, ann["id"])
-        rle = self._band_cache.get(key)
-        if rle is None:
-            segm = ann["segmentation"]
-            height, width = segm["size"]
-            d = dilation_pixels(height, width, self.dilation_ratio)
-            band = mask_boundary_band(maskUtils.decode(segm), d)
-            rle = maskUtils.encode(np.asfortranarray(band.astype(np.uint8)))
-            self._band_cache[key] = rle
-        return rle
-
-    def computeIoU(self, imgId, catId):
-        if self._bar is not None:
-            self._bar.update(1)
+    def _prepare(self):
         p = self.params
-        if p.useCats:
-            gt = self._gts[imgId, catId]
-            dt = self._dts[imgId, catId]
-        else:
-            gt = [g for c in p.catIds for g in self._gts[imgId, c]]
-            dt = [d for c in p.catIds for d in self._dts[imgId, c]]
-        if len(gt) == 0 or len(dt) == 0:
-            return []
-        # Same detection order and truncation as COCOeval.computeIoU.
-        order = np.argsort([-d["score"] for d in dt], kind="mergesort")
-        dt = [dt[i] for i in order][:p.maxDets[-1]]
+        boundary = p.iouType == "boundary"
+        p.compute_boundary = False
+        try:
+            super()._prepare()
+        finally:
+            p.compute_boundary = boundary
+        pairs = getattr(self, "_nonempty_iou_pairs", None)
+        if self._bar is not None and pairs is not None:
+            self._bar.reset(total=len(pairs))
+        self._pending = {}
+        if boundary:
+            # The annotations that _prepare just gave an RLE, by (image, category) pair.
+            for coco in (self.cocoGt, self.cocoDt):
+                for ann in coco.anns.values():
+                    if "rle" in ann:
+                        key = (ann["image_id"], ann["category_id"] if p.useCats else -1)
+                        self._pending.setdefault(key, []).append(ann)
 
-        iscrowd = [int(g.get("iscrowd", 0)) for g in gt]
-        mask_ious = np.asarray(maskUtils.iou([d["segmentation"] for d in dt],
-                                             [g["segmentation"] for g in gt], iscrowd))
-        # Bands: crowd GT keeps its mask IoU, so its band is not needed.
-        gt_bands = [g["segmentation"] if c else self._band_rle(g, "gt")
-                    for g, c in zip(gt, iscrowd)]
-        dt_bands = [self._band_rle(d, "dt") for d in dt]
-        band_ious = np.asarray(maskUtils.iou(dt_bands, gt_bands, [0] * len(gt)))
-        ious = np.minimum(mask_ious, band_ious)
-        crowd = np.asarray(iscrowd, dtype=bool)
-        ious[:, crowd] = mask_ious[:, crowd]
+    def computeIoU(self, imgId, catId):
+        for ann in self._pending.pop((imgId, catId), ()):
+            # A crowd region is compared on its mask: its band is never used.
+            ann["boundary"] = (ann["rle"] if ann.get("iscrowd", 0)
+                               else _band_rle(ann["rle"], self.boundary_dilation_ratio))
+        ious = super().computeIoU(imgId, catId)
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(1)
         return ious
 
 
@@ -247,14 +267,17 @@ class BoundaryCOCOeval(_ProgressCOCOeval):
 #  evaluate()
 ############################################################
 
-def _empty_results(coco_gt):
-    """A results ``COCO`` object with no detections (``loadRes([])`` crashes)."""
-    res = COCO()
-    res.dataset["images"] = list(coco_gt.dataset.get("images", []))
-    res.dataset["categories"] = copy.deepcopy(coco_gt.dataset.get("categories", []))
-    res.dataset["annotations"] = []
-    res.createIndex()
-    return res
+def _library_gt(coco_gt):
+    """A faster-coco-eval ``COCO`` with shallow copies of the images and
+    annotations of ``coco_gt`` (faster-coco-eval adds fields to them)."""
+    dataset = coco_gt.dataset
+    gt = FasterCOCO()
+    gt.dataset = {**dataset,
+                  "images": [dict(img) for img in dataset.get("images", [])],
+                  "categories": list(dataset.get("categories", [])),
+                  "annotations": [dict(ann) for ann in dataset.get("annotations", [])]}
+    gt.createIndex()
+    return gt
 
 
 def _check_detections(coco_gt, detections, iou_type):
@@ -284,10 +307,13 @@ def _check_detections(coco_gt, detections, iou_type):
         else:
             # Mask area (not box area) for the detections' area ranges.
             det.pop("bbox", None)
-            if isinstance(det["segmentation"], dict) and isinstance(
-                    det["segmentation"].get("counts"), list):
+            segm = det["segmentation"]
+            if not (isinstance(segm, dict) and "size" in segm
+                    and isinstance(segm.get("counts"), (str, bytes))):
                 raise ValueError(f"detection #{i}: segmentation must be a compressed RLE "
-                                 "(counts as str/bytes), not an uncompressed RLE")
+                                 "(a dict with 'size' and 'counts' as str/bytes), not "
+                                 + ("an uncompressed RLE" if isinstance(segm, dict)
+                                    else f"a {type(segm).__name__}"))
         out.append(det)
     if unknown:
         sample = sorted(unknown)[:10]
@@ -301,7 +327,7 @@ def evaluate(coco_gt, detections, iou_type="bbox", dilation_ratio=0.02, image_id
     """COCO AP/AR of detections against a ground truth.
 
     Args:
-        coco_gt: ``pycocotools.coco.COCO`` with the ground truth.
+        coco_gt: ``pycocotools.coco.COCO`` with the ground truth (not modified).
         detections: list of dicts in COCO results format: ``image_id``,
             ``category_id`` (the COCO category id), ``score``, ``bbox``
             ``[x, y, w, h]`` (pixels) and/or ``segmentation`` (compressed RLE,
@@ -314,226 +340,40 @@ def evaluate(coco_gt, detections, iou_type="bbox", dilation_ratio=0.02, image_id
             Pass the evaluated subset when detections exist only for some
             images, otherwise the other images count as missed ground truth.
         progress: show a tqdm progress bar over the IoU computations.
-        return_evaluator: also return the ``COCOeval`` object (for per-class
-            precision in ``evaluator.eval["precision"]``).
+        return_evaluator: also return the evaluator, a faster-coco-eval
+            ``COCOeval_faster`` (per-class precision in
+            ``evaluator.eval["precision"]``, ``[T, R, K, A, M]`` as in
+            pycocotools; the IoU matrices in ``evaluator.ious``).
 
     Returns:
         dict ``{name: float}`` for the 12 names of :data:`METRIC_NAMES`
-        (``-1.0`` where pycocotools has no ground truth for the range), or
+        (``-1.0`` where there is no ground truth for the range), or
         ``(metrics, evaluator)`` with ``return_evaluator=True``.
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    if iou_type == "boundary" and not dilation_ratio > 0:
+        raise ValueError(f"dilation_ratio must be > 0, got {dilation_ratio}")
     if isinstance(detections, (str, os.PathLike)):
         with open(detections) as f:
             detections = json.load(f)
     detections = _check_detections(coco_gt, list(detections), iou_type)
 
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        coco_dt = coco_gt.loadRes(detections) if detections else _empty_results(coco_gt)
-        if iou_type == "boundary":
-            evaluator = BoundaryCOCOeval(coco_gt, coco_dt, dilation_ratio=dilation_ratio,
-                                         progress=progress)
-        else:
-            evaluator = _ProgressCOCOeval(coco_gt, coco_dt, iouType=iou_type,
-                                          progress=progress)
-        if image_ids is not None:
-            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    log.debug("pycocotools output:\n%s", captured.getvalue())
+    gt = _library_gt(coco_gt)
+    output = []
+    evaluator = _Evaluator(gt, gt.loadRes(detections), iou_type, dilation_ratio=float(dilation_ratio),
+                           progress=progress, output=output)
+    if image_ids is not None:
+        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    log.debug("COCOeval summary:\n%s", "\n".join(output))
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
     log.info("%s: %s", iou_type, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     if return_evaluator:
         return metrics, evaluator
     return metrics
-
-
-############################################################
-#  Detections -> COCO results
-############################################################
-
-def build_coco_results(dataset, image_ids, rois, class_ids, scores, masks):
-    """Convert ``detect()`` outputs of one image to COCO results dicts.
-
-    matterport's helper, with JSON-serializable output.
-
-    Args:
-        dataset: a ``utils.Dataset`` with a ``"coco"`` source; internal class
-            ids are mapped back with ``dataset.get_source_class_id(id, "coco")``.
-        image_ids: the COCO image id of the image (an int, or a sequence of
-            one int as matterport passes ``coco_image_ids[i:i + 1]``). For
-            several images pass a sequence of ids and sequences (one item per
-            image) for ``rois``, ``class_ids``, ``scores`` and ``masks``.
-        rois: ``[N, (y1, x1, y2, x2)]`` boxes in pixels.
-        class_ids: ``[N]`` internal class ids.
-        scores: ``[N]`` confidences.
-        masks: ``[H, W, N]`` bool masks (full image size).
-
-    Returns:
-        list of dicts ``{"image_id", "category_id", "bbox": [x, y, w, h],
-        "score", "segmentation": {"size": [H, W], "counts": str}}`` with
-        Python int/float values.
-    """
-    if rois is None:
-        return []
-    if np.ndim(image_ids) == 0:
-        per_image = [(image_ids, rois, class_ids, scores, masks)]
-    elif len(image_ids) == 1 and not isinstance(rois, (list, tuple)):
-        per_image = [(image_ids[0], rois, class_ids, scores, masks)]
-    else:
-        if not all(isinstance(x, (list, tuple)) and len(x) == len(image_ids)
-                   for x in (rois, class_ids, scores, masks)):
-            raise ValueError("build_coco_results: with several image ids, rois, class_ids, "
-                             "scores and masks must be sequences with one item per image")
-        per_image = list(zip(image_ids, rois, class_ids, scores, masks))
-
-    results = []
-    for image_id, img_rois, img_class_ids, img_scores, img_masks in per_image:
-        img_rois = np.asarray(img_rois, dtype=np.float64).reshape(-1, 4)
-        img_masks = np.asarray(img_masks)
-        n = img_rois.shape[0]
-        if len(img_class_ids) != n or len(img_scores) != n or (
-                img_masks.ndim != 3 or img_masks.shape[-1] != n):
-            raise ValueError(
-                f"build_coco_results: image {image_id}: {n} rois but {len(img_class_ids)} "
-                f"class_ids, {len(img_scores)} scores and masks of shape {img_masks.shape} "
-                "(expected [H, W, N])")
-        rles = maskUtils.encode(np.asfortranarray(img_masks.astype(np.uint8))) if n else []
-        for i in range(n):
-            y1, x1, y2, x2 = (float(v) for v in img_rois[i])
-            rle = rles[i]
-            counts = rle["counts"]
-            results.append({
-                "image_id": int(image_id),
-                "category_id": int(dataset.get_source_class_id(int(img_class_ids[i]), "coco")),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(img_scores[i]),
-                "segmentation": {
-                    "size": [int(s) for s in rle["size"]],
-                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-                },
-            })
-    return results
-
-
-############################################################
-#  Reporting
-############################################################
-
-#: Detection settings of COCO-style results (Detectron, torchvision): every
-#: class of every ROI above 0.05 is a candidate, per-class NMS at 0.5, at most
-#: 100 detections per image. ``config.derive(**COCO_DETECTION)``.
-COCO_DETECTION = {"DETECTION_MODE": "coco", "DETECTION_MIN_CONFIDENCE": 0.05,
-                  "DETECTION_NMS_THRESHOLD": 0.5, "DETECTION_MAX_INSTANCES": 100}
-
-
-def detect_dataset(model, dataset, image_ids=None, progress=True, on_image=None):
-    """Run ``model.detect`` over dataset images, a batch at a time, and collect COCO results.
-
-    model: an inference ``MaskRCNN`` (anything with ``detect(images)`` and a
-        ``config.BATCH_SIZE``); images go to ``detect`` BATCH_SIZE at a time.
-    dataset: a prepared ``CocoDataset`` (``image_info[i]["id"]`` is the COCO id).
-    on_image: optional ``f(image_id, image, result)`` called per image (for
-        extra metrics or figures).
-    Returns (results in COCO format, seconds spent in ``detect``).
-    """
-    import time
-    image_ids = list(dataset.image_ids if image_ids is None else image_ids)
-    batch = max(1, int(getattr(getattr(model, "config", None), "BATCH_SIZE", 1)))
-    results, seconds = [], 0.
-    with tqdm(total=len(image_ids), desc="detect", unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, len(image_ids), batch):
-            chunk = image_ids[start:start + batch]
-            images = [dataset.load_image(i) for i in chunk]
-            t0 = time.perf_counter()
-            detections = model.detect(images)
-            seconds += time.perf_counter() - t0
-            for image_id, image, r in zip(chunk, images, detections):
-                results.extend(build_coco_results(dataset, dataset.image_info[image_id]["id"], r["rois"],
-                                                  r["class_ids"], r["scores"], r["masks"]))
-                if on_image is not None:
-                    on_image(image_id, image, r)
-            bar.update(len(chunk))
-    return results, seconds
-
-
-class PeriodicEvaluation:
-    """A ``MaskRCNN.train`` callback: COCO metrics of the model as it trains.
-
-    Every ``every`` epochs the training model's weights are copied (by layer
-    name) into ``inference_model`` (an inference ``MaskRCNN``, normally built
-    with ``config.derive(IMAGES_PER_GPU=..., **COCO_DETECTION)``), which
-    detects on ``dataset`` and is scored against ``coco_gt`` with
-    ``evaluate_all``. Each evaluation becomes a row of ``rows`` and of
-    ``<log_dir>/ap_curve.csv``: epoch, global step, training seconds so far
-    (the epochs' wall time, evaluation excluded), ``detect_ms_per_image``,
-    ``<iou type>_<metric>`` for every metric (e.g. ``segm_AP``,
-    ``boundary_AP50``) and ``eval_seconds`` (this evaluation's wall time).
-
-    A resumed run keeps its curve: ``set_model`` (called by ``train``, after
-    the trainer has trimmed the logs to the restored epoch) reads the rows
-    already in ``ap_curve.csv`` and the training seconds of ``history.csv``.
-    """
-
-    def __init__(self, inference_model, dataset, coco_gt, every=1, image_ids=None, log_dir=None,
-                 iou_types=IOU_TYPES, progress=True):
-        self.inference_model = inference_model
-        self.dataset, self.coco_gt = dataset, coco_gt
-        self.every = max(1, int(every))
-        self.image_ids = list(dataset.image_ids if image_ids is None else image_ids)
-        self.log_dir = log_dir
-        self.iou_types = tuple(iou_types)
-        self.progress = progress
-        self.train_seconds = 0.
-        self.rows = []
-        self.model = None
-
-    def set_model(self, keras_model):
-        self.model = keras_model
-        if not self.log_dir:
-            return
-        from mrcnn.logs import read_table
-        curve, history = (os.path.join(self.log_dir, name) for name in ("ap_curve.csv", "history.csv"))
-        if os.path.exists(curve):
-            table = read_table(curve)
-            self.rows = [{k: (int(v[i]) if k in ("epoch", "step") else float(v[i])) for k, v in table.items()}
-                         for i in range(len(table.get("epoch", [])))]
-        if os.path.exists(history):
-            self.train_seconds = float(read_table(history).get("seconds", np.zeros(0)).sum())
-
-    def on_epoch_end(self, epoch, logs):
-        self.train_seconds += float(logs.get("seconds", 0.))
-        if (epoch + 1) % self.every == 0:
-            self.evaluate(epoch + 1, int(logs.get("step", 0)))
-
-    def evaluate(self, epoch, step):
-        """Copy the weights, detect, score; append and return the row of ``epoch`` (1-based)."""
-        from mrcnn.logs import append_row
-        t0 = time.perf_counter()
-        self.copy_weights()
-        results, seconds = detect_dataset(self.inference_model, self.dataset, self.image_ids,
-                                          progress=self.progress)
-        coco_ids = [self.dataset.image_info[i]["id"] for i in self.image_ids]
-        metrics = evaluate_all(self.coco_gt, results, image_ids=coco_ids, iou_types=self.iou_types)
-        row = {"epoch": int(epoch), "step": int(step), "train_seconds": self.train_seconds,
-               "detect_ms_per_image": 1000. * seconds / max(1, len(self.image_ids))}
-        row.update({f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()})
-        row["eval_seconds"] = time.perf_counter() - t0
-        self.rows.append(row)
-        log.info("epoch %d (step %d, %.0f s of training): mask AP %.3f, AP50 %.3f, Boundary AP %.3f, "
-                 "box AP %.3f", row["epoch"], row["step"], row["train_seconds"], row.get("segm_AP", -1),
-                 row.get("segm_AP50", -1), row.get("boundary_AP", -1), row.get("bbox_AP", -1))
-        if self.log_dir:
-            append_row(os.path.join(self.log_dir, "ap_curve.csv"), row)
-        return row
-
-    def copy_weights(self):
-        """Assign the training model's weights to the inference model, layer by layer."""
-        from mrcnn.checkpoints import copy_weights
-        copy_weights(self.model, self.inference_model.keras_model)
 
 
 def evaluate_all(coco_gt, detections, image_ids=None, iou_types=IOU_TYPES, dilation_ratio=0.02):

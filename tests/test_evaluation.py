@@ -1,4 +1,5 @@
-"""Tests of mrcnn.evaluation: COCO AP (vs pycocotools run directly) and Boundary AP."""
+"""Tests of mrcnn.evaluation: COCO AP with faster-coco-eval (vs pycocotools run directly)
+and Boundary AP (vs an independent NumPy/scipy reference)."""
 
 import contextlib
 import copy
@@ -13,7 +14,7 @@ from pycocotools import mask as maskUtils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn import evaluation
+from mrcnn import coco_results, evaluation
 from tiny import uncompressed_rle
 
 SIZE = 64
@@ -225,6 +226,7 @@ def test_boundary_ap_uses_min_of_mask_and_boundary_iou():
     # min(0.818, 1/3) = 1/3 -> never matched.
     np.testing.assert_allclose(ev.ious[(7, 1)], [[1 / 3]])
     assert bnd["AP"] == 0.0
+    assert ev.eval["precision"].shape == (10, 101, 1, 4, 3)   # [T, R, K, A, M]
 
 
 # ---------------------------------------------------------------------------
@@ -279,6 +281,23 @@ def _scipy_band(mask, d):
     return m & ~scipy.ndimage.binary_erosion(m, np.ones((3, 3)), iterations=d, border_value=0)
 
 
+def independent_boundary_ious(dets, gts, d):
+    """[len(dets), len(gts)] Boundary AP matching IoUs, with scipy: min(mask IoU,
+    band IoU), crowd ground truth on its mask IoU (intersection / detection area).
+    ``dets`` are detection dicts in score order, ``gts`` (mask, iscrowd) pairs."""
+    expected = np.zeros((len(dets), len(gts)))
+    for i, det in enumerate(dets):
+        dm = maskUtils.decode(det["segmentation"]).astype(bool)
+        for j, (gm, crowd) in enumerate(gts):
+            gm = gm.astype(bool)
+            inter = (dm & gm).sum()
+            mask_iou = inter / (dm.sum() if crowd else (dm | gm).sum())
+            bd, bg = _scipy_band(dm, d), _scipy_band(gm, d)
+            band_iou = (bd & bg).sum() / (bd | bg).sum()
+            expected[i, j] = mask_iou if crowd else min(mask_iou, band_iou)
+    return expected
+
+
 def test_boundary_iou_matrix_matches_independent_numpy(coco_gt):
     dets = perturbed_detections()
     _, ev = evaluation.evaluate(coco_gt, dets, "boundary", return_evaluator=True)
@@ -286,25 +305,45 @@ def test_boundary_iou_matrix_matches_independent_numpy(coco_gt):
     assert d == 2
     checked = 0
     for (img, cat), ious in ev.ious.items():
-        gts = [g for g in gt_masks() if g[0] == img and g[1] == cat]
+        gts = [(g[2], g[3]) for g in gt_masks() if g[0] == img and g[1] == cat]
         dts = sorted([x for x in dets if x["image_id"] == img and x["category_id"] == cat],
                      key=lambda x: -x["score"])
         if not gts or not dts:
             assert len(ious) == 0
             continue
-        expected = np.zeros((len(dts), len(gts)))
-        for i, det in enumerate(dts):
-            dm = maskUtils.decode(det["segmentation"]).astype(bool)
-            for j, (_, _, gm, crowd, _) in enumerate(gts):
-                gm = gm.astype(bool)
-                inter = (dm & gm).sum()
-                mask_iou = inter / (dm.sum() if crowd else (dm | gm).sum())
-                bd, bg = _scipy_band(dm, d), _scipy_band(gm, d)
-                band_iou = (bd & bg).sum() / (bd | bg).sum()
-                expected[i, j] = mask_iou if crowd else min(mask_iou, band_iou)
-        np.testing.assert_allclose(ious, expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ious, independent_boundary_ious(dts, gts, d), rtol=1e-9, atol=1e-12)
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize("h, w, d", [(45, 60, 2), (225, 300, 8), (105, 140, 4)])
+def test_boundary_band_width_rounds_like_the_reference(h, w, d):
+    """Images whose ``0.02 * diagonal`` is exactly x.5 with x odd (1.5, 7.5, 3.5):
+    the reference (boundary-iou-api, Python's round) rounds up to the even d,
+    faster-coco-eval's own band width would round down. Small and large masks
+    (faster-coco-eval's RLE erosion and the NumPy band) both use d."""
+    assert evaluation.dilation_pixels(h, w) == d
+    gt = [rect(h // 10, w // 10, h // 10 + h // 6, w // 10 + w // 6, h, w),   # small
+          rect(h // 3, 0, h, w * 2 // 3, h, w),                                 # large, on the border
+          disc(h // 4, w * 3 // 4, h // 8, h, w)]
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": rle_str(m),
+             "area": float(m.sum()), "bbox": box_of(m)} for k, m in enumerate(gt)]
+    coco = make_coco([{"id": 1, "height": h, "width": w, "file_name": "1.png"}],
+                     [{"id": 1, "name": "a"}], anns)
+    dets = []
+    for k, m in enumerate(gt):
+        for shift, score in [((1, 1), 0.9 - 0.1 * k), ((0, -2), 0.5 - 0.1 * k)]:
+            dm = np.roll(m, shift, axis=(0, 1))
+            dets.append({"image_id": 1, "category_id": 1, "score": score, "segmentation": rle_str(dm)})
+    dets.append({"image_id": 1, "category_id": 1, "score": 0.95,
+                 "segmentation": rle_str(scipy.ndimage.binary_dilation(gt[1], iterations=d))})
+    _, ev = evaluation.evaluate(coco, dets, "boundary", return_evaluator=True)
+    ordered = sorted(dets, key=lambda x: -x["score"])
+    gts = [(m, 0) for m in gt]
+    expected = independent_boundary_ious(ordered, gts, d)
+    np.testing.assert_allclose(ev.ious[(1, 1)], expected, rtol=1e-9, atol=1e-12)
+    # The test can tell d from d - 1.
+    assert np.abs(expected - independent_boundary_ious(ordered, gts, d - 1)).max() > 0.01
 
 
 def test_image_ids_subset(coco_gt):
@@ -328,8 +367,22 @@ def test_bad_detections_raise(coco_gt):
     with pytest.raises(ValueError, match="segmentation"):
         evaluation.evaluate(coco_gt, [{"image_id": 1, "category_id": 1, "score": 1.0,
                                        "bbox": [0, 0, 1, 1]}], "segm")
+    with pytest.raises(ValueError, match="compressed RLE"):
+        evaluation.evaluate(coco_gt, [{"image_id": 1, "category_id": 1, "score": 1.0,
+                                       "segmentation": uncompressed_rle(rect(1, 1, 5, 5))}],
+                            "boundary")
     with pytest.raises(ValueError, match="iou_type"):
         evaluation.evaluate(coco_gt, [], "keypoints")
+    with pytest.raises(ValueError, match="dilation_ratio"):
+        evaluation.evaluate(coco_gt, [], "boundary", dilation_ratio=0)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm", "boundary"])
+def test_ground_truth_is_not_modified(coco_gt, iou_type):
+    before = copy.deepcopy(coco_gt.dataset)
+    evaluation.evaluate(coco_gt, perturbed_detections(), iou_type)
+    assert coco_gt.dataset == before
+    assert all("rle" not in a and "boundary" not in a for a in coco_gt.anns.values())
 
 
 def test_progress_bar_option(coco_gt, capsys):
@@ -357,7 +410,7 @@ def test_build_coco_results_round_trip(coco_gt):
     rois = np.array([[35, 30, 56, 51], [10, 10, 50, 30]], np.int32)
     class_ids = np.array([3, 1], np.int32)
     scores = np.array([0.9, 0.8], np.float32)
-    results = evaluation.build_coco_results(_FakeDataset(), [1], rois, class_ids, scores, masks)
+    results = coco_results.build_coco_results(_FakeDataset(), [1], rois, class_ids, scores, masks)
     assert len(results) == 2
     json.dumps(results)   # JSON-serializable
     r = results[0]
@@ -369,10 +422,10 @@ def test_build_coco_results_round_trip(coco_gt):
     np.testing.assert_array_equal(maskUtils.decode(r["segmentation"]), m0)
     np.testing.assert_array_equal(maskUtils.decode(results[1]["segmentation"]), m1)
     # Scalar image id and empty input.
-    assert evaluation.build_coco_results(_FakeDataset(), 1, rois, class_ids, scores,
+    assert coco_results.build_coco_results(_FakeDataset(), 1, rois, class_ids, scores,
                                          masks)[1]["image_id"] == 1
-    assert evaluation.build_coco_results(_FakeDataset(), [1], None, None, None, None) == []
-    empty = evaluation.build_coco_results(_FakeDataset(), [1], np.zeros((0, 4)), [], [],
+    assert coco_results.build_coco_results(_FakeDataset(), [1], None, None, None, None) == []
+    empty = coco_results.build_coco_results(_FakeDataset(), [1], np.zeros((0, 4)), [], [],
                                           np.zeros((SIZE, SIZE, 0), bool))
     assert empty == []
 

@@ -329,7 +329,7 @@ class Stopped(Exception):
 
 
 def test_two_arm_study_end_to_end_with_a_run_stopped_mid_way(runner, tmp_path, monkeypatch):
-    from mrcnn.evaluation import PeriodicEvaluation
+    from mrcnn.callbacks import PeriodicEvaluation
     from mrcnn.logs import read_table
     out = tmp_path / "study"
     argv = ["run", "--arms", "baseline", "sobel", "--seeds", "1", "--steps", "6", "--epochs", "3",

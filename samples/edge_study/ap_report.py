@@ -1,7 +1,7 @@
 """AP as training proceeds: AP curves, SU on AP, paired confidence intervals.
 
 Each run of the study evaluates itself after every epoch (``<run>/train/ap_curve.csv``,
-``mrcnn.evaluation.PeriodicEvaluation``). This module reads those curves and
+``mrcnn.callbacks.PeriodicEvaluation``). This module reads those curves and
 compares every arm with the baseline **seed by seed** (the same seed means
 the same initial weights and the same data order, so the pair differs only
 by the edge loss and by float rounding noise).
