@@ -70,9 +70,19 @@ def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra
                 for v in optimizer.variables:
                     og.create_dataset(_slot_key(v), data=np.asarray(v.numpy()))
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); the previous "
+                      "checkpoints are intact. Is the disk full, or a file size limit (ulimit -f) set?") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_extra(path):
+    """The ``extra`` dict stored in one of our checkpoints ({} for other files)."""
+    with _open(path) as f:
+        raw = f.attrs.get("extra") if f.attrs.get("format") == FORMAT else None
+    return json.loads(raw) if raw else {}
 
 
 def read_epoch(path):

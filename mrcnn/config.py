@@ -17,14 +17,21 @@ import logging
 
 import numpy as np
 
+from mrcnn import parts
+from mrcnn.image_meta import meta_size
+
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "resnet101", "resnet_small")
+# The choices of the fields that take one of a few values (the part fields
+# take the names registered in ``mrcnn.parts``).
+BACKBONES = parts.registry("backbone").names()
 RESIZE_MODES = ("square", "crop")
-ROI_ALIGN_MODES = ("aligned", "matterport")
 DETECTION_MODES = ("matterport", "coco")
 LR_SCHEDULES = ("constant", "step", "cosine")
 MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16")
+DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multiworker")
+ON_BAD_SAMPLE_MODES = ("raise", "skip")
+LOADER_START_METHODS = ("auto", "fork", "forkserver", "spawn")
 
 
 class Config:
@@ -50,9 +57,21 @@ class Config:
     STEPS_PER_EPOCH = 1000
     VALIDATION_STEPS = 50
 
+    # ---- Parts (mrcnn.parts): each field names a registered part, or is a
+    # part class. matterport's architecture is the default.
     # "resnet50", "resnet101", or "resnet_small" (a narrow ResNet for CPU tests
-    # and demos: one bottleneck block per stage, a quarter of the channels).
+    # and demos: one bottleneck block per stage, a quarter of the channels),
+    # each with the FPN; or matterport's function f(input_image, stage5,
+    # train_bn) -> [C1, ..., C5].
     BACKBONE = "resnet101"
+    # RPN head, proposal selection, box head and mask head.
+    RPN_HEAD = "matterport"
+    PROPOSAL_LAYER = "matterport"
+    BOX_HEAD = "matterport"
+    MASK_HEAD = "matterport"
+    # How uint8 RGB pixels become the network's input: "mean_pixel" (x -
+    # MEAN_PIXEL, matterport) or "imagenet" ((x / 255 - mean) / std, torchvision).
+    INPUT_NORMALIZATION = "mean_pixel"
     # Strides of the FPN levels P2..P6 relative to the input image.
     BACKBONE_STRIDES = [4, 8, 16, 32, 64]
     # Channels of the fully-connected layers in the classification head.
@@ -140,6 +159,9 @@ class Config:
     DETECTION_MIN_CONFIDENCE = 0.7
     DETECTION_NMS_THRESHOLD = 0.3
 
+    # Checkpoints kept per run folder: the newest N (None or 0: all of them).
+    CHECKPOINTS_TO_KEEP = 5
+
     # SGD with momentum. Weight decay is L2 on weights, skipping BN gamma/beta.
     LEARNING_RATE = 0.001
     LEARNING_MOMENTUM = 0.9
@@ -156,14 +178,14 @@ class Config:
     LEARNING_RATE_STEPS = (0.75, 0.9)
     LEARNING_RATE_DECAY = 0.1
 
-    # Loss weights; "mrcnn_mask_edge_loss" is scaled by EDGE_LOSS_WEIGHT instead.
-    LOSS_WEIGHTS = {
-        "rpn_class_loss": 1.,
-        "rpn_bbox_loss": 1.,
-        "mrcnn_class_loss": 1.,
-        "mrcnn_bbox_loss": 1.,
-        "mrcnn_mask_loss": 1.,
-    }
+    # Loss weights by log name (a loss not listed weighs 1; the edge loss is
+    # also scaled by EDGE_LOSS_WEIGHT). Logged losses are weighted, as
+    # matterport logs them, and "loss" is their sum.
+    LOSS_WEIGHTS = {name: 1. for name in parts.MASK_RCNN_LOSSES}
+    # Losses added to the five Mask R-CNN losses (and the edge loss): names
+    # registered with mrcnn.parts.register_loss, or mrcnn.losses.LossTerm
+    # instances.
+    EXTRA_LOSSES = []
 
     # Use the RPN's ROIs in training (False: use externally supplied ROIs; not
     # supported here, kept for compatibility).
@@ -180,6 +202,17 @@ class Config:
     # path; "skip" replaces it by the next image, and every epoch logs the
     # skipped ones.
     ON_BAD_SAMPLE = "raise"
+    # Seconds one training image may take in a loader worker (load_image,
+    # load_mask, augmentation) before training stops with an error naming it
+    # (a hung network read, a deadlock); None: no limit. Needs workers >= 1:
+    # an image loaded in the training loop itself cannot be interrupted.
+    SAMPLE_TIMEOUT = 300
+    # How loader workers start (mrcnn.loader.BatchLoader): "auto" ("fork" on
+    # Linux, else "spawn"), "fork" (a copy of the training process: the
+    # dataset need not be picklable, but must not use TensorFlow in the
+    # workers), "forkserver" or "spawn" (fresh processes that may use
+    # anything; the dataset, config and augmentation must be picklable).
+    LOADER_START_METHOD = "auto"
 
     # Compile the training step and detection with XLA (jit_compile=True).
     # The graph is static-shaped for it; on CPUs, XLA's convolutions are
@@ -214,9 +247,8 @@ class Config:
         else:
             self.IMAGE_SHAPE = np.array([self.IMAGE_MAX_DIM, self.IMAGE_MAX_DIM,
                                          self.IMAGE_CHANNEL_COUNT])
-        # image_id(1) + original_image_shape(3) + image_shape(3) + window(4)
-        # + scale(1) + active_class_ids(NUM_CLASSES)
-        self.IMAGE_META_SIZE = 1 + 3 + 3 + 4 + 1 + self.NUM_CLASSES
+        # The image meta vector (mrcnn.image_meta).
+        self.IMAGE_META_SIZE = meta_size(self.NUM_CLASSES)
         filters = self.EDGE_LOSS_FILTERS
         # One name ("sobel", "sobel+laplace") or a list of names.
         self.EDGE_LOSS_FILTERS = [filters] if isinstance(filters, str) else list(filters or [])
@@ -247,6 +279,8 @@ class Config:
         number("GRADIENT_CLIP_NORM", 0, low_open=True)
         number("STEPS_PER_EPOCH", 1, integer=True)
         number("VALIDATION_STEPS", 0, integer=True)
+        if self.CHECKPOINTS_TO_KEEP is not None:
+            number("CHECKPOINTS_TO_KEEP", 0, integer=True)
         number("MAX_GT_INSTANCES", 1, integer=True)
         number("TRAIN_ROIS_PER_IMAGE", 1, integer=True)
         number("DETECTION_MAX_INSTANCES", 1, integer=True)
@@ -263,8 +297,6 @@ class Config:
         shape = tuple(self.MINI_MASK_SHAPE)
         if len(shape) != 2 or min(shape) < 1:
             fail("MINI_MASK_SHAPE", f"must be (height, width) of at least 1 pixel, got {self.MINI_MASK_SHAPE!r}")
-        if self.ROI_ALIGN not in ROI_ALIGN_MODES:
-            fail("ROI_ALIGN", f"{self.ROI_ALIGN!r}; choose one of {ROI_ALIGN_MODES}")
         if self.DETECTION_MODE not in DETECTION_MODES:
             fail("DETECTION_MODE", f"{self.DETECTION_MODE!r}; choose one of {DETECTION_MODES}")
         if self.LEARNING_RATE_SCHEDULE not in LR_SCHEDULES:
@@ -272,14 +304,17 @@ class Config:
         steps = list(self.LEARNING_RATE_STEPS)
         if any(not 0 < f < 1 for f in steps) or steps != sorted(steps):
             fail("LEARNING_RATE_STEPS", f"must be increasing fractions of the training in (0, 1), got {steps}")
-        if self.ON_BAD_SAMPLE not in ("raise", "skip"):
-            fail("ON_BAD_SAMPLE", f"{self.ON_BAD_SAMPLE!r}; choose 'raise' or 'skip'")
+        if self.ON_BAD_SAMPLE not in ON_BAD_SAMPLE_MODES:
+            fail("ON_BAD_SAMPLE", f"{self.ON_BAD_SAMPLE!r}; choose one of {ON_BAD_SAMPLE_MODES}")
+        if self.SAMPLE_TIMEOUT is not None:
+            number("SAMPLE_TIMEOUT", 0, low_open=True)
+        if self.LOADER_START_METHOD not in LOADER_START_METHODS:
+            fail("LOADER_START_METHOD", f"{self.LOADER_START_METHOD!r}; choose one of {LOADER_START_METHODS}")
         if self.MIXED_PRECISION not in MIXED_PRECISION_POLICIES:
             fail("MIXED_PRECISION", f"{self.MIXED_PRECISION!r}; choose one of {MIXED_PRECISION_POLICIES}")
         if self.NUM_CLASSES < 2:
             fail("NUM_CLASSES", f"must count background plus at least one class, got {self.NUM_CLASSES}")
-        if self.BACKBONE not in BACKBONES and not callable(self.BACKBONE):
-            fail("BACKBONE", f"unknown backbone {self.BACKBONE!r}; choose one of {BACKBONES}")
+        parts.check_config(self)
         if self.IMAGE_RESIZE_MODE not in RESIZE_MODES:
             fail("IMAGE_RESIZE_MODE", f"{self.IMAGE_RESIZE_MODE!r} is not supported; choose one of "
                  f"{RESIZE_MODES} (static graph shapes need a fixed image size)")
@@ -304,12 +339,12 @@ class Config:
                  f"POST_NMS_ROIS_TRAINING={self.POST_NMS_ROIS_TRAINING}")
         if len(np.asarray(self.MEAN_PIXEL).reshape(-1)) != self.IMAGE_CHANNEL_COUNT:
             fail("MEAN_PIXEL", f"needs IMAGE_CHANNEL_COUNT={self.IMAGE_CHANNEL_COUNT} values")
-        if self.DISTRIBUTE not in ("auto", "none", "mirrored", "multiworker"):
-            fail("DISTRIBUTE", f"{self.DISTRIBUTE!r}; choose 'auto', 'none', 'mirrored' or 'multiworker'")
+        if self.DISTRIBUTE not in DISTRIBUTE_MODES:
+            fail("DISTRIBUTE", f"{self.DISTRIBUTE!r}; choose one of {DISTRIBUTE_MODES}")
         if not self.USE_RPN_ROIS:
             fail("USE_RPN_ROIS", "training on externally supplied ROIs is not supported")
         if self.EDGE_LOSS_FILTERS:
-            from mrcnn.edge_agreement import validate_edge_config
+            from mrcnn.edge_filters import validate_edge_config
             try:
                 validate_edge_config(self.EDGE_LOSS_FILTERS, self.EDGE_LOSS_NORM)
             except ValueError as e:

@@ -27,14 +27,17 @@ from mrcnn import detection, runs
 from mrcnn.anchors import build_rpn_targets, compute_backbone_shapes, get_anchors as _get_anchors  # noqa: F401
 from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph  # noqa: F401
 from mrcnn.checkpoints import load_into, save_checkpoint
-from mrcnn.data import (compose_image_meta, load_image_gt, mold_image, mold_inputs,  # noqa: F401
-                        parse_image_meta, unmold_image)
-from mrcnn.distribute import make_strategy
+from mrcnn.detection_layer import DetectionLayer  # noqa: F401
+from mrcnn.distribute import make_strategy, worker_info
 from mrcnn.edge_agreement import EdgeAgreementLoss  # noqa: F401
 from mrcnn.graph import build_graph
+from mrcnn.ground_truth import load_image_gt  # noqa: F401
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph  # noqa: F401
-from mrcnn.layers import (DetectionLayer, DetectionTargetLayer, ProposalLayer,  # noqa: F401
-                          PyramidROIAlign)
+from mrcnn.image_meta import compose_image_meta, parse_image_meta  # noqa: F401
+from mrcnn.molding import mold_image, mold_inputs, unmold_image  # noqa: F401
+from mrcnn.proposals import ProposalLayer  # noqa: F401
+from mrcnn.roi_align import PyramidROIAlign  # noqa: F401
+from mrcnn.roi_sampling import DetectionTargetLayer  # noqa: F401
 from mrcnn.training import LAYER_REGEX, Trainer, set_trainable  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -62,10 +65,10 @@ class MaskRCNN:
         self.mode = mode
         self.config = config
         self.model_dir = model_dir
-        self.set_log_dir()
         # Training builds its variables under the distribution strategy of
         # Config.DISTRIBUTE (mrcnn.distribute); inference runs on one device.
         self.strategy = make_strategy(config) if mode == "training" else tf.distribute.get_strategy()
+        self.set_log_dir()
         with self.strategy.scope():
             self.graph = build_graph(mode, config)
         self.keras_model = self.graph.keras_model
@@ -77,12 +80,16 @@ class MaskRCNN:
 
     # ------------------------------------------------------ run folders
     def set_log_dir(self, model_path=None):
-        """Set ``log_dir`` and ``epoch``: the folder and epoch of ``model_path`` when
-        it is one of our checkpoints (training then resumes there), otherwise a
-        new ``<model_dir>/<name><timestamp>`` folder and epoch 0."""
+        """Set ``log_dir`` and ``epoch``: the folder and epoch of ``model_path``
+        when it is one of our checkpoints (training then resumes there; see
+        ``load_weights(resume=True)``), otherwise a new, unique run folder
+        ``<model_dir>/<name><timestamp>`` (created for a training model) and epoch 0."""
         self.epoch, self.log_dir = runs.resume_point(model_path) if model_path else (0, None)
         if self.log_dir is None:
-            self.log_dir = runs.new_run_dir(self.model_dir, self.config)
+            # Only a model that will write there gets the folder made: a
+            # training model, and of several workers only the chief.
+            chief = worker_info(self.strategy)[2]
+            self.log_dir = runs.new_run_dir(self.model_dir, self.config, create=self.mode == "training" and chief)
 
     def checkpoint_path_for(self, epoch):
         """This run's checkpoint file of ``epoch``."""
@@ -94,16 +101,29 @@ class MaskRCNN:
         return runs.find_last(self.model_dir, self.config)
 
     # -------------------------------------------------------------- weights
-    def load_weights(self, filepath, by_name=False, exclude=None):
+    def load_weights(self, filepath, by_name=False, exclude=None, resume=False):
         """Load weights by layer name from one of our checkpoints or a matterport
         (Keras 2) ``.h5``; a Keras 3 ``.weights.h5`` of the same model loads
-        directly. When ``filepath`` is one of our checkpoints, ``train`` resumes
-        after its epoch in its folder. Errors name the file."""
+        directly. Errors name the file.
+
+        resume: continue the run the checkpoint belongs to: the next ``train``
+            continues after its epoch, in its folder, with its momentum. By
+            default loading weights starts a new run from them (matterport
+            resumed on any load; ``coco.py --model last`` resumes).
+        """
         if not os.path.exists(filepath):
             raise FileNotFoundError(f"weights file not found: {filepath}")
         loaded = load_into(self.keras_model, filepath, by_name=by_name, exclude=exclude)
         log.info("loaded %d layers from %s", len(loaded), filepath)
-        self.set_log_dir(filepath)
+        if resume:
+            epoch, folder = runs.resume_point(filepath)
+            if folder is None:
+                raise ValueError(f"resume=True: {filepath} is not a checkpoint written by train() "
+                                 "(mask_rcnn_<name>_<epoch>.weights.h5), so there is no run to continue")
+            self.set_log_dir(filepath)
+            log.info("resuming the run in %s after epoch %d", self.log_dir, self.epoch)
+        elif self.mode == "training" and runs.resume_point(filepath)[1] is not None:
+            log.info("starting a new run from %s (pass resume=True to continue its run)", filepath)
         self._predict = None
         return loaded
 
@@ -131,9 +151,12 @@ class MaskRCNN:
         layers: "heads", "3+", "4+", "5+", "all", or a regex of layer names.
         augmentation: None, "fliplr", an albumentations transform, an imgaug
             augmenter or ``f(image, masks, rng) -> (image, masks)`` (``mrcnn.data``).
-        custom_callbacks: objects with optional ``set_model(keras_model)``,
-            ``on_epoch_begin(epoch)`` / ``on_epoch_end(epoch, logs)`` methods
-            (Keras callbacks qualify).
+        custom_callbacks: Keras callbacks (``EarlyStopping``,
+            ``ReduceLROnPlateau``, ``ModelCheckpoint``, ``CSVLogger``,
+            ``TensorBoard``, ...) or objects with some of their methods; see
+            ``callbacks.Callbacks`` for the hooks that run.
+        no_augmentation_sources: dataset sources (``image_info[i]["source"]``)
+            whose images are never augmented.
         seed: fixes ROI sampling and the data order (call
             ``keras.utils.set_random_seed`` before creating the model to fix
             the initial weights too).
@@ -149,21 +172,20 @@ class MaskRCNN:
             if n is not None and n != self.config.NUM_CLASSES:
                 raise ValueError(f"{what} has {n} classes (background included) but "
                                  f"{type(self.config).__name__}.NUM_CLASSES is {self.config.NUM_CLASSES}")
-        if no_augmentation_sources:
-            log.warning("no_augmentation_sources is ignored")
         if seed is not None:
             import keras
             keras.utils.set_random_seed(seed)
-        n = set_trainable(self.keras_model, layers)
+        n = set_trainable(self.keras_model, layers, self.graph.stages)
         log.info("layers=%r: %d trainable weight tensors", layers, n)
         trainer = Trainer(self, learning_rate, seed=seed, log_every=log_every)
         if self.epoch > 0:
             last = self.checkpoint_path_for(self.epoch)
             if os.path.exists(last):
-                trainer.restore_optimizer(last)
+                trainer.restore(last)
         try:
             return trainer.fit(train_dataset, val_dataset, epochs, augmentation=augmentation,
-                               custom_callbacks=custom_callbacks, workers=workers)
+                               custom_callbacks=custom_callbacks, workers=workers,
+                               no_augmentation_sources=no_augmentation_sources)
         finally:
             self.epoch = trainer.epoch       # the epochs checkpointed, also after an error
 

@@ -18,15 +18,22 @@ SCHEDULE = [("heads", 1, 1.0), ("4+", 2, 1.0), ("all", 1, 0.1)]
 TRAINING_MODES = {"single": None, "full": (0, 1, 2), "base": (0, 1), "fine": (2,)}
 
 
-def epoch_plan(mode, total_steps, max_epochs, from_scratch=False):
+#: Shortest epoch ``epoch_plan`` makes when it can: every epoch validates and
+#: writes a checkpoint, which must stay a small part of the work.
+MIN_STEPS_PER_EPOCH = 50
+
+
+def epoch_plan(mode, total_steps, max_epochs, from_scratch=False, min_steps_per_epoch=MIN_STEPS_PER_EPOCH):
     """How training mode ``mode`` runs exactly ``total_steps`` steps.
 
     Returns (steps_per_epoch, [(layers, end_epoch, lr_factor), ...]): the
     epochs are the largest divisor E of total_steps that is at most
-    ``max_epochs`` (and at least the number of stages when possible), so
-    that E x steps_per_epoch == total_steps; each stage ends on a whole
-    epoch, in the paper's proportions rounded, and gets at least one. With
-    fewer epochs than stages, the first stages and the last one run.
+    ``max_epochs`` and leaves epochs of at least ``min_steps_per_epoch``
+    steps, so that E x steps_per_epoch == total_steps; when that gives fewer
+    epochs than stages, the smallest divisor that gives each stage an epoch
+    (shorter epochs). Each stage ends on a whole epoch, in the paper's
+    proportions rounded, and gets at least one. With fewer epochs than
+    stages, the first stages and the last one run.
     ``from_scratch``: every stage trains all layers (freezing a randomly
     initialised backbone teaches it nothing); the rates are kept.
     """
@@ -34,8 +41,11 @@ def epoch_plan(mode, total_steps, max_epochs, from_scratch=False):
         raise ValueError(f"unknown training mode {mode!r}; valid: {', '.join(TRAINING_MODES)}")
     stages = [("all", 1, 1.0)] if TRAINING_MODES[mode] is None else [SCHEDULE[i] for i in TRAINING_MODES[mode]]
     divisors = [d for d in range(1, min(total_steps, max_epochs) + 1) if total_steps % d == 0]
+    long_enough = [d for d in divisors if total_steps // d >= min_steps_per_epoch] or [1]
     enough = [d for d in divisors if d >= len(stages)]
-    epochs = max(enough or divisors)
+    epochs = max(long_enough)
+    if epochs < len(stages):
+        epochs = min(enough) if enough else max(divisors)
     if epochs < len(stages):
         log.warning("%d steps make only %d epochs: training mode %s runs %d of its %d stages "
                     "(the last one included)", total_steps, epochs, mode, epochs, len(stages))

@@ -1,15 +1,19 @@
 """The training loop: a compiled ``tf.function`` step, logs and checkpoints.
 
-One step: forward the training model, compute the five Mask R-CNN losses (and
-the edge agreement loss when ``EDGE_LOSS_FILTERS`` is set), add L2 weight decay
+One step: forward the training model, compute the loss terms
+(``losses.active_losses``: the five Mask R-CNN losses, the edge agreement loss
+when ``EDGE_LOSS_FILTERS`` is set, ``EXTRA_LOSSES``), add L2 weight decay
 to the gradients (all trainable weights except BatchNorm gamma/beta), clip the
 global gradient norm, and, if the loss and gradients are finite, apply SGD
 with momentum at the scheduled learning rate (``learning_rate_at``).
 
-Per epoch: a progress bar with every loss and the rate, validation losses,
+Per epoch: a progress bar with every loss and the rate, an atomically written
+checkpoint (before validation, so that a failing validation costs no
+training; the newest CHECKPOINTS_TO_KEEP are kept), validation losses,
 TensorBoard scalars, a row in ``history.csv`` (with the rate, ms/step and the
-fraction of time spent waiting for data), an atomically written checkpoint.
-Every ``log_every`` steps the step losses and the rate go to ``steps.csv``.
+fraction of time spent waiting for data), then the callbacks
+(``mrcnn.callbacks.Callbacks``). Every ``log_every`` steps the step losses and
+the rate go to ``steps.csv``.
 """
 
 import contextlib
@@ -23,20 +27,22 @@ import time
 
 import tensorflow as tf
 import keras
-from keras import ops
 
-from mrcnn import losses as L
 from mrcnn import runs
-from mrcnn.checkpoints import load_optimizer_slots, save_checkpoint
-from mrcnn.data import BatchLoader
+from mrcnn.callbacks import Callbacks
+from mrcnn.checkpoints import load_optimizer_slots, read_extra, save_checkpoint
+from mrcnn.distribute import global_mean, sum_over_replicas, worker_info
+from mrcnn.worker_failures import PEER_ERRORS, Watchdog, peer_failure
+from mrcnn.ground_truth import INPUT_NAMES
+from mrcnn.loader import BatchLoader
 from mrcnn.logs import append_row, trim
-from mrcnn.distribute import (PEER_ERRORS, Watchdog, global_mean, peer_failure, sum_over_replicas,
-                              worker_info)
-from mrcnn.layers import parse_image_meta_graph
+from mrcnn.losses import active_losses, check_requirements, compute_losses
 
 log = logging.getLogger(__name__)
 
-# Layer-name patterns of the trainable part for ``train(layers=...)``.
+# matterport's layer-name patterns of ``train(layers=...)``; used for models
+# whose backbone stages are unknown. With a ``Graph`` the selection is by
+# part: see ``set_trainable``.
 LAYER_REGEX = {
     "heads": r"(mrcnn_.*)|(rpn_.*)|(fpn_.*)",
     "3+": r"(res3.*)|(bn3.*)|(res4.*)|(bn4.*)|(res5.*)|(bn5.*)|(mrcnn_.*)|(rpn_.*)|(fpn_.*)",
@@ -44,81 +50,45 @@ LAYER_REGEX = {
     "5+": r"(res5.*)|(bn5.*)|(mrcnn_.*)|(rpn_.*)|(fpn_.*)",
     "all": ".*",
 }
+#: First ResNet stage that trains for each ``layers=`` name (6: none).
+FIRST_TRAINED_STAGE = {"heads": 6, "3+": 3, "4+": 4, "5+": 5, "all": 1}
 
-EDGE_LOSS_NAME = "mrcnn_mask_edge_loss"
 
+def set_trainable(keras_model, layers, stages=None):
+    """Make the layers ``layers`` selects trainable and the others frozen.
 
-def set_trainable(keras_model, layers):
-    """Mark layers whose name matches ``layers`` (a LAYER_REGEX key or a regex) trainable.
-
+    layers: "heads" (everything but the backbone's ResNet: FPN, RPN, box and
+        mask heads, and any head of your own, whatever its layer names),
+        "3+", "4+", "5+" (the heads and ResNet stages 3-5, 4-5, 5), "all",
+        or a regex of layer names.
+    stages: {layer name: ResNet stage} of the backbone (``Graph.stages``);
+        without it, the named selections use matterport's name patterns
+        (``LAYER_REGEX``).
     Returns the number of trainable weight tensors.
     """
-    regex = LAYER_REGEX.get(layers, layers)
-    try:
-        pattern = re.compile(regex)
-    except re.error as e:
-        raise ValueError(f"layers={layers!r} is neither one of {sorted(LAYER_REGEX)} nor a regex: {e}")
+    if layers in FIRST_TRAINED_STAGE and stages is not None:
+        first = FIRST_TRAINED_STAGE[layers]
+
+        def selected(name):
+            return stages.get(name, first) >= first
+    else:
+        regex = LAYER_REGEX.get(layers, layers)
+        try:
+            pattern = re.compile(regex)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"layers={layers!r} is neither one of {sorted(LAYER_REGEX)} nor a regex: {e}")
+
+        def selected(name):
+            return bool(pattern.fullmatch(name))
     for layer in keras_model.layers:
         if layer.weights:
-            layer.trainable = bool(pattern.fullmatch(layer.name))
+            layer.trainable = selected(layer.name)
     return len(keras_model.trainable_weights)
 
 
-def loss_names(config):
-    names = list(L.LOSS_NAMES)
-    if config.EDGE_LOSS_FILTERS:
-        names.append(EDGE_LOSS_NAME)
-    return names
-
-
-def make_edge_loss(config):
-    """The configured EdgeAgreementLoss, or None when EDGE_LOSS_FILTERS is empty."""
-    if not config.EDGE_LOSS_FILTERS:
-        return None
-    from mrcnn.edge_agreement import EdgeAgreementLoss
-    return EdgeAgreementLoss(filters=config.EDGE_LOSS_FILTERS, norm=config.EDGE_LOSS_NORM,
-                             weight=config.EDGE_LOSS_WEIGHT,
-                             smoothing_gt=config.EDGE_LOSS_SMOOTHING_GT,
-                             smoothing_predictions=config.EDGE_LOSS_SMOOTHING_PREDICTIONS,
-                             weighted_entropy=config.EDGE_LOSS_WEIGHTED_ENTROPY,
-                             name=EDGE_LOSS_NAME)
-
-
-def compute_losses(inputs, outputs, config, edge_loss=None, normalize=None):
-    """All losses of one batch, as a dict name -> scalar (unweighted, before LOSS_WEIGHTS).
-
-    inputs: the batch dict (mrcnn.data); outputs: the training model's output dict.
-    normalize: ``f(total, count)`` of every loss's mean (see ``losses``); the
-        trainer passes ``distribute.global_mean``.
-    ``mrcnn_mask_edge_loss`` already includes EDGE_LOSS_WEIGHT.
-    """
-    active = parse_image_meta_graph(inputs["input_image_meta"])["active_class_ids"]
-    positive_ids = outputs["mask_class_ids"]      # the slots the mask head ran on
-    # Each slot's mask logits of its class, selected once for both mask losses.
-    mask_logits = L.select_class_masks(outputs["mrcnn_mask_logits"], positive_ids)
-    out = {
-        "rpn_class_loss": L.rpn_class_loss(inputs["input_rpn_match"], outputs["rpn_class_logits"], normalize),
-        "rpn_bbox_loss": L.rpn_bbox_loss(inputs["input_rpn_match"], inputs["input_rpn_bbox"],
-                                         outputs["rpn_bbox"], normalize),
-        "mrcnn_class_loss": L.mrcnn_class_loss(outputs["target_class_ids"], outputs["mrcnn_class_logits"],
-                                               active, outputs["rois"], normalize),
-        "mrcnn_bbox_loss": L.mrcnn_bbox_loss(outputs["target_bbox"], outputs["target_class_ids"],
-                                             outputs["mrcnn_bbox"], normalize),
-        "mrcnn_mask_loss": L.mrcnn_mask_loss(outputs["target_mask"], positive_ids, mask_logits, normalize),
-    }
-    if edge_loss is not None:
-        # The edge head sees sigmoid probabilities of the positive slots' class (paper section 3).
-        out[EDGE_LOSS_NAME] = edge_loss([outputs["target_mask"], positive_ids, ops.sigmoid(mask_logits)],
-                                        normalize=normalize)
-    return out
-
-
-def total_loss(losses, config):
-    """Weighted sum: LOSS_WEIGHTS for the five losses, the edge loss as is."""
-    total = 0.
-    for name, value in losses.items():
-        total += value * float(config.LOSS_WEIGHTS.get(name, 1.))
-    return total
+def total_loss(losses):
+    """The training loss: the sum of the (already weighted) loss terms."""
+    return sum(losses.values(), 0.)
 
 
 def _decays(variable):
@@ -165,12 +135,15 @@ class Trainer:
     after the loss and the gradient norm are seen to be finite, so a bad step
     never reaches the weights. Under "mixed_float16" the loss is scaled
     dynamically: a step with non-finite gradients halves the scale and is
-    skipped, and the scale doubles after 2000 good steps. On one device the
+    skipped, and the scale doubles after 2000 good steps; the scale is
+    checkpointed, and one that would fall below 1 is an error. On one device the
     strategy is TensorFlow's default one and all of this reduces to the
     plain step (see ``mrcnn.distribute``).
     """
 
     LOSS_SCALE_PERIOD = 2000
+    #: The float16 loss scale never goes below this: persistent overflow is an error.
+    MIN_LOSS_SCALE = 1.0
 
     def __init__(self, mrcnn, learning_rate, seed=None, log_every=10):
         self.m = mrcnn
@@ -189,7 +162,8 @@ class Trainer:
         self.epoch = mrcnn.epoch           # epochs checkpointed; the facade reads it back
         self.total_steps = self.config.STEPS_PER_EPOCH
         self.global_step = self.epoch * self.config.STEPS_PER_EPOCH
-        self.edge_loss = make_edge_loss(self.config)
+        self.losses = active_losses(self.config)
+        check_requirements(self.losses, list(self.model.output) + list(INPUT_NAMES))
         self.variables = list(self.model.trainable_variables)
         with self.strategy.scope():
             self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate,
@@ -198,8 +172,10 @@ class Trainer:
             self.loss_scale = (keras.Variable(2. ** 15, trainable=False, name="loss_scale")
                                if self.config.MIXED_PRECISION == "mixed_float16" else None)
         self.decay_mask = [_decays(v) for v in self.variables]
-        self.names = loss_names(self.config)
+        self.names = [term.name for term in self.losses]
+        self.mask_rcnn_names = [term.name for term in self.losses if term.mask_rcnn]
         self._good_steps = 0
+        self.lr_factor = 1.
         jit = bool(self.config.JIT_COMPILE)
         replica_step = tf.function(self._gradients, jit_compile=jit) if jit else self._gradients
         replica_eval = tf.function(self._losses, jit_compile=jit) if jit else self._losses
@@ -214,14 +190,14 @@ class Trainer:
     # ---------------------------------------------------------------- graph
     def _losses(self, inputs, training):
         outputs = self.model(inputs, training=training)
-        return compute_losses(inputs, outputs, self.config, self.edge_loss, normalize=global_mean)
+        return compute_losses(inputs, outputs, self.losses, normalize=global_mean)
 
     def _gradients(self, inputs):
         """One replica's share of the losses (dict of scalars, plus "loss" and
         "grad_norm") and the global batch's clipped gradients."""
         with tf.GradientTape() as tape:
             losses = self._losses(inputs, True)
-            total = total_loss(losses, self.config)
+            total = total_loss(losses)
             scaled = total * self.loss_scale if self.loss_scale is not None else total
         grads = tape.gradient(scaled, self.variables)
         grads = [tf.zeros_like(v) if g is None else tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
@@ -272,34 +248,41 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def learning_rate(self, step=None):
-        """The scheduled rate at ``step`` (default: the next step)."""
+        """The scheduled rate at ``step`` (default: the next step), times the
+        factor Keras callbacks such as ``ReduceLROnPlateau`` set."""
         step = self.global_step if step is None else step
-        return learning_rate_at(step, self.base_learning_rate, self.total_steps, self.config)
+        return learning_rate_at(step, self.base_learning_rate, self.total_steps, self.config) * self.lr_factor
 
     def train_step(self, batch):
         """Train on one batch; returns the step's values as Python floats
         (every loss, "loss", "grad_norm", "lr"). Raises NonFiniteLossError,
         without touching the weights, when the loss or the gradient is not
-        finite (float16 gradient overflows are skipped instead)."""
+        finite. Under "mixed_float16" an overflow of the gradients only
+        halves the loss scale and skips the step, until the scale would fall
+        below ``MIN_LOSS_SCALE``: then it is a NonFiniteLossError too."""
         lr = self.learning_rate()
-        with self._watch(f"training step {self.global_step + 1}"):
+        with self._watch(f"training step {self.global_step + 1}", "step"):
             losses, grads = self._compute(self.distribute(batch))
             values = self._reduce(losses)
         values["lr"] = lr
         if self.loss_scale is not None:
             values["overflow"] = 0.
+            values["loss_scale"] = float(self.loss_scale.numpy())
         bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad and self.loss_scale is not None and bad == ["grad_norm"]:
+        if bad == ["grad_norm"] and self.loss_scale is not None \
+                and float(self.loss_scale.numpy()) / 2. >= self.MIN_LOSS_SCALE:
             self.loss_scale.assign(self.loss_scale / 2.)     # fp16 overflow: skip, lower the scale
             self._good_steps = 0
             values["overflow"] = 1.
         elif bad:
+            scale = (f" (the float16 loss scale would fall below {self.MIN_LOSS_SCALE:g}: the gradients overflow "
+                     "whatever the scale)" if self.loss_scale is not None and bad == ["grad_norm"] else "")
             raise NonFiniteLossError(
-                f"global step {self.global_step + 1}: {', '.join(bad)} not finite ({values}); the update was "
-                "not applied, so the weights are those of the step before. Lower LEARNING_RATE (or raise "
+                f"global step {self.global_step + 1}: {', '.join(bad)} not finite{scale} ({values}); the update "
+                "was not applied, so the weights are those of the step before. Lower LEARNING_RATE (or raise "
                 "LEARNING_RATE_WARMUP_STEPS), check the data, or restart from the last checkpoint")
         else:
-            with self.strategy.scope(), self._watch(f"update {self.global_step + 1}"):
+            with self.strategy.scope(), self._watch(f"update {self.global_step + 1}", "update"):
                 self._apply(grads, tf.constant(lr, tf.float32))     # cross-replica: no second all-reduce
             if self.loss_scale is not None:
                 self._good_steps += 1
@@ -310,33 +293,58 @@ class Trainer:
 
     def evaluate_step(self, batch):
         """The losses of one batch in inference mode (BatchNorm statistics untouched), as floats."""
-        with self._watch("validation step"):
+        with self._watch("validation step", "validation"):
             values = self._reduce(self._evaluate(self.distribute(batch)))
-        values["loss"] = float(total_loss(values, self.config))
+        values["loss"] = float(total_loss(values))
         return values
 
     @contextlib.contextmanager
-    def _watch(self, what):
+    def _watch(self, what, kind):
         """Several workers: a dead peer gives a WorkerFailedError (or, if the
         collective hangs instead of failing, the watchdog ends the process)."""
         if self._watchdog is None:
             yield
             return
         try:
-            with self._watchdog.watch(what):
+            with self._watchdog.watch(what, kind):
                 yield
         except PEER_ERRORS as e:
             raise peer_failure(e, what) from e
 
-    def restore_optimizer(self, checkpoint_path):
+    # ----------------------------------------------------------- checkpoints
+    def state(self):
+        """What a checkpoint keeps of the training besides weights and momentum."""
+        state = {"lr_factor": self.lr_factor}
+        if self.loss_scale is not None:
+            state.update(loss_scale=float(self.loss_scale.numpy()), good_steps=self._good_steps)
+        return state
+
+    def restore(self, checkpoint_path):
+        """Continue a run from one of its checkpoints: the momentum slots (never
+        the learning rate), the float16 loss scale and the callbacks' rate factor."""
         n = load_optimizer_slots(checkpoint_path, self.optimizer)
         if n:
             log.info("restored %d momentum slots from %s", n, checkpoint_path)
+        state = read_extra(checkpoint_path).get("trainer", {})
+        self.lr_factor = float(state.get("lr_factor", 1.))
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.assign(float(state["loss_scale"]))
+            self._good_steps = int(state.get("good_steps", 0))
+            log.info("restored the float16 loss scale %g", state["loss_scale"])
         return n
+
+    def save(self, epoch):
+        """Write this epoch's checkpoint and drop those beyond CHECKPOINTS_TO_KEEP; returns its path."""
+        c = self.config
+        path = runs.checkpoint_path(self.log_dir, c, epoch)     # this process's folder (chief: the run's)
+        save_checkpoint(path, self.model, epoch, self.optimizer, c, extra={"trainer": self.state()})
+        for old in runs.prune_checkpoints(self.log_dir, c, c.CHECKPOINTS_TO_KEEP):
+            log.info("removed %s (CHECKPOINTS_TO_KEEP=%d)", old, c.CHECKPOINTS_TO_KEEP)
+        return path
 
     # ---------------------------------------------------------------- epochs
     def fit(self, train_dataset, val_dataset, epochs, augmentation=None, custom_callbacks=None,
-            workers=None):
+            workers=None, no_augmentation_sources=None):
         m, c = self.m, self.config
         start_epoch = self.epoch
         if start_epoch >= epochs:
@@ -353,9 +361,12 @@ class Trainer:
         shard = (self.worker, self.workers)
         train_loader = BatchLoader(train_dataset, c, shuffle=True, augmentation=augmentation,
                                    seed=self.seed, workers=workers,
-                                   start_step=start_epoch * c.STEPS_PER_EPOCH, shard=shard)
+                                   start_step=start_epoch * c.STEPS_PER_EPOCH, shard=shard,
+                                   no_augmentation_sources=no_augmentation_sources)
         val_loader = (BatchLoader(val_dataset, c, shuffle=True, seed=12345, workers=workers, shard=shard)
                       if val_dataset is not None and c.VALIDATION_STEPS > 0 else None)
+        callbacks = Callbacks(custom_callbacks, self.model, self.optimizer,
+                              {"epochs": epochs, "steps": c.STEPS_PER_EPOCH, "verbose": 1})
         writer = tf.summary.create_file_writer(self.log_dir)
         history = {}
         log.info("training %s from epoch %d to %d, %d steps/epoch, %d trainable tensors, lr %g (%s, "
@@ -363,15 +374,19 @@ class Trainer:
                  c.STEPS_PER_EPOCH, len(self.variables), self.base_learning_rate, c.LEARNING_RATE_SCHEDULE,
                  c.LEARNING_RATE_WARMUP_STEPS, self.replicas, c.IMAGES_PER_GPU, self.log_dir)
         batches = iter(train_loader)
-        for cb in custom_callbacks or []:
-            if hasattr(cb, "set_model"):
-                cb.set_model(self.model)
         try:
+            callbacks.call("on_train_begin", {})
             for epoch in range(start_epoch, epochs):
-                history = self._run_epoch(epoch, epochs, batches, val_loader, writer, custom_callbacks)
+                history = self._run_epoch(epoch, epochs, batches, val_loader, writer, callbacks)
+                if callbacks.stop_training:
+                    log.info("a callback stopped training after epoch %d", epoch + 1)
+                    break
+            callbacks.call("on_train_end", history)
         finally:
             batches.close()
             writer.close()
+            if self._watchdog is not None:
+                self._watchdog.close()
             if not self.is_chief:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
         return history
@@ -384,10 +399,9 @@ class Trainer:
         t0 = time.perf_counter()
         wait = 0.
         skipped = []
-        for cb in callbacks or []:
-            if hasattr(cb, "on_epoch_begin"):
-                cb.on_epoch_begin(epoch)
+        callbacks.call("on_epoch_begin", epoch, {})
         for step in range(c.STEPS_PER_EPOCH):
+            callbacks.call("on_train_batch_begin", step, {})
             tw = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - tw
@@ -398,23 +412,33 @@ class Trainer:
             if self.global_step % self.log_every == 0 or step == 0:
                 self._log_step(self.global_step, values, writer)
             bar.update(step + 1, [(k, values[k]) for k in ["loss"] + self.names + ["grad_norm", "lr"]])
+            callbacks.call("on_train_batch_end", step, values)
+            if callbacks.stop_training:
+                break
+        steps = step + 1
         seconds = time.perf_counter() - t0
-        logs = {k: v / c.STEPS_PER_EPOCH for k, v in sums.items() if k != "lr"}
+        logs = {k: v / steps for k, v in sums.items() if k != "lr"}
         logs["lr"] = values["lr"]
         logs["step"] = self.global_step
         logs["seconds"] = seconds
-        logs["ms_per_step"] = 1000. * seconds / c.STEPS_PER_EPOCH
+        logs["ms_per_step"] = 1000. * seconds / steps
         logs["data_wait"] = wait / max(seconds, 1e-9)
+        # The checkpoint first: a validation that fails (all of its images bad,
+        # say) must not cost the epoch's training.
+        path = self.save(epoch + 1)
+        self.epoch = epoch + 1
         if val_loader is not None:
             vsums = {}
             vbatches = iter(val_loader)
-            for _ in range(c.VALIDATION_STEPS):
-                vbatch = next(vbatches)
-                skipped += vbatch.pop("skipped", [])
-                vals = self.evaluate_step(vbatch)
-                for k, v in vals.items():
-                    vsums[k] = vsums.get(k, 0.) + v
-            vbatches.close()
+            try:
+                for _ in range(c.VALIDATION_STEPS):
+                    vbatch = next(vbatches)
+                    skipped += vbatch.pop("skipped", [])
+                    vals = self.evaluate_step(vbatch)
+                    for k, v in vals.items():
+                        vsums[k] = vsums.get(k, 0.) + v
+            finally:
+                vbatches.close()
             logs.update({"val_" + k: v / c.VALIDATION_STEPS for k, v in vsums.items()})
         logs["skipped_samples"] = len(skipped)
         if skipped:
@@ -424,16 +448,19 @@ class Trainer:
             for k, v in logs.items():
                 tf.summary.scalar("epoch/" + k, v, step=epoch + 1)
         writer.flush()
-        path = runs.checkpoint_path(self.log_dir, c, epoch + 1)     # this process's folder (chief: the run's)
-        save_checkpoint(path, self.model, epoch + 1, self.optimizer, c)
-        self.epoch = epoch + 1
         append_row(os.path.join(self.log_dir, "history.csv"), {"epoch": epoch + 1, **logs})
         log.info("epoch %d: %s; checkpoint %s", epoch + 1,
                  ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), path)
         print("  " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k.startswith("val_")))
-        for cb in callbacks or []:
-            if hasattr(cb, "on_epoch_end"):
-                cb.on_epoch_end(epoch, logs)
+        # Callbacks see the rate of the next step and may change it (ReduceLROnPlateau).
+        callbacks.optimizer_rate(self.learning_rate())
+        callbacks.call("on_epoch_end", epoch, logs)
+        changed = callbacks.rate_change()
+        if changed != 1.:
+            self.lr_factor *= changed
+            log.info("a callback changed the learning rate by x%g (factor now %g); rewriting %s so that a "
+                     "resumed run keeps it", changed, self.lr_factor, path)
+            self.save(epoch + 1)
         return logs
 
     def _log_step(self, global_step, values, writer):
@@ -441,5 +468,5 @@ class Trainer:
             for k, v in values.items():
                 tf.summary.scalar("step/" + k, v, step=global_step)
         row = {"step": global_step, **values}
-        row["mrcnn_loss"] = sum(values[k] for k in L.LOSS_NAMES)
+        row["mrcnn_loss"] = sum(values[k] for k in self.mask_rcnn_names)
         append_row(os.path.join(self.log_dir, "steps.csv"), row)

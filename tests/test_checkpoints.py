@@ -7,7 +7,7 @@ import pytest
 
 from mrcnn import model as modellib
 from mrcnn.checkpoints import save_checkpoint
-from mrcnn.data import build_batch
+from mrcnn.ground_truth import build_batch
 from mrcnn.training import Trainer, set_trainable
 from tiny import TinyConfig, make_dataset
 from mrcnn.synthetic import CLASS_NAMES
@@ -37,7 +37,7 @@ def test_momentum_restored_by_a_new_optimizer_but_not_its_rate(tmp_path):
     second = Trainer(m, 0.002)         # Keras names it differently ("sgd_1", ...)
     momenta = [v for v in first.optimizer.variables if "momentum" in v.path]
     assert momenta and any(np.abs(v.numpy()).sum() > 0 for v in momenta)
-    restored = second.restore_optimizer(path)
+    restored = second.restore(path)
     assert restored == len(momenta)
     by_key = {v.path.split("/", 1)[1]: v.numpy() for v in first.optimizer.variables}
     for v in second.optimizer.variables:

@@ -7,7 +7,7 @@ import keras
 
 from mrcnn import model as modellib, synthetic
 from mrcnn.checkpoints import copy_weights
-from mrcnn.data import build_batch
+from mrcnn.ground_truth import build_batch
 from mrcnn.training import Trainer, set_trainable
 
 from tiny import TinyConfig, make_dataset

@@ -17,7 +17,7 @@ import skimage.draw
 from mrcnn import model as modellib
 from mrcnn import synthetic, utils
 from mrcnn.checkpoints import layers_with_weights
-from mrcnn.data import mold_inputs
+from mrcnn.molding import mold_inputs
 
 from tiny import OverfitConfig, ShapesTiny, TinyConfig, make_dataset, read_rows
 
@@ -181,8 +181,8 @@ def test_a_new_box_head_scores_classes_about_equally(tmp_path):
     model's class loss is near log(NUM_CLASSES) and no class scores near 1."""
     import keras
     import tensorflow as tf
-    from mrcnn.data import build_batch
-    from mrcnn.training import compute_losses
+    from mrcnn.ground_truth import build_batch
+    from mrcnn.losses import active_losses, compute_losses
     config = TinyConfig().derive(NUM_CLASSES=1 + len(synthetic.CLASS_NAMES))
     keras.utils.set_random_seed(0)
     m = modellib.MaskRCNN("training", config, str(tmp_path))
@@ -191,7 +191,7 @@ def test_a_new_box_head_scores_classes_about_equally(tmp_path):
     outputs = m.keras_model(batch, training=False)
     probs = tf.nn.softmax(outputs["mrcnn_class_logits"]).numpy()
     assert probs.max() < 0.5, probs.max()
-    loss = float(compute_losses(batch, outputs, config)["mrcnn_class_loss"])
+    loss = float(compute_losses(batch, outputs, active_losses(config))["mrcnn_class_loss"])
     assert loss < 1.5 * math.log(config.NUM_CLASSES), loss
     assert np.abs(outputs["mrcnn_bbox"].numpy()).max() < 0.5
 
@@ -252,7 +252,7 @@ def test_checkpoint_round_trip_gives_identical_detections(overfit):
     results = []
     for _ in range(2):
         m = modellib.MaskRCNN("inference", c, overfit["model_dir"])
-        m.load_weights(path)
+        m.load_weights(path, resume=True)
         assert m.epoch == overfit["epochs"]
         results.append(m.detect(images))
         # Same weights as the training model for every layer they share.
@@ -280,7 +280,7 @@ def test_resume_continues_epoch_numbering(overfit):
     path = overfit["train_model"].find_last()
     epoch = overfit["epochs"]
     m = modellib.MaskRCNN("training", c, overfit["model_dir"])
-    m.load_weights(path)
+    m.load_weights(path, resume=True)
     assert m.epoch == epoch
     assert os.path.abspath(m.log_dir) == os.path.dirname(os.path.abspath(path))
     m.train(overfit["dataset"], None, c.LEARNING_RATE, epochs=epoch + 1, layers="all")
@@ -293,6 +293,25 @@ def test_resume_continues_epoch_numbering(overfit):
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp-" in f]
     # Nothing left to do when the target epoch is already reached.
     assert m.train(overfit["dataset"], None, c.LEARNING_RATE, epochs=epoch + 1, layers="all") == {}
+
+
+def test_loading_weights_to_start_from_is_not_a_resume(overfit, tmp_path):
+    """load_weights(checkpoint) without resume=True starts a new run in the
+    model's own model_dir, from epoch 0, with the checkpoint's weights; two
+    models made in the same second get two run folders."""
+    c = overfit["config"].derive(STEPS_PER_EPOCH=2)
+    path = overfit["train_model"].find_last()
+    a = modellib.MaskRCNN("training", c, str(tmp_path))
+    b = modellib.MaskRCNN("training", c, str(tmp_path))
+    assert a.log_dir != b.log_dir and os.path.isdir(a.log_dir) and os.path.isdir(b.log_dir)
+    a.load_weights(path)
+    assert a.epoch == 0 and os.path.dirname(a.log_dir) == str(tmp_path)
+    b.load_weights(path, resume=True)
+    assert b.epoch > 0 and b.log_dir == os.path.dirname(path)
+    assert all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a.keras_model.weights, b.keras_model.weights))
+    a.train(overfit["dataset"], None, c.LEARNING_RATE, epochs=1, layers="heads", log_every=1)
+    assert os.path.exists(a.checkpoint_path_for(1)) and a.epoch == 1
+    assert a.find_last() == a.checkpoint_path_for(1)
 
 
 # ---------------------------------------------------------------------------

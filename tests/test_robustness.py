@@ -20,10 +20,10 @@ import pytest
 
 from mrcnn import model as modellib, synthetic
 from mrcnn.coco_dataset import CocoDataset
-from mrcnn.data import SampleError, build_batch
+from mrcnn.ground_truth import SampleError, build_batch
 from mrcnn.synthetic_coco import write_coco_dataset
 
-from tiny import TinyConfig, make_dataset
+from tiny import TinyConfig, make_dataset, read_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -259,3 +259,76 @@ def test_resume_after_sigkill_keeps_epochs_logs_and_leaves_no_temporary_files(tm
     assert logged == list(range(1, 121)), "steps.csv must hold each step once, in order"
     with open(os.path.join(run_dir, "history.csv")) as f:
         assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2", "3"]
+
+
+class AllBroken(BrokenDataset):
+    def load_image(self, image_id):
+        raise OSError("broken data stream when reading image file")
+
+
+def test_an_all_bad_validation_set_fails_after_the_epochs_checkpoint(tmp_path):
+    """ON_BAD_SAMPLE='skip' with a validation set of bad images only: the
+    epoch's training is checkpointed before validation fails."""
+    config = C().derive(ON_BAD_SAMPLE="skip", STEPS_PER_EPOCH=2, VALIDATION_STEPS=1)
+    val = AllBroken()
+    val.load_shapes(3, 64, 64, seed=4, split="val")
+    val.prepare()
+    m = modellib.MaskRCNN("training", config, str(tmp_path))
+    with pytest.raises(SampleError, match="no replacement image left"):
+        m.train(broken_dataset(), val, 0.01, epochs=2, layers="heads", seed=0, workers=0)
+    assert m.epoch == 1 and os.path.exists(m.checkpoint_path_for(1))
+
+
+def test_a_checkpoint_that_cannot_be_written_names_its_path(tmp_path, monkeypatch):
+    import h5py
+    from mrcnn.checkpoints import save_checkpoint
+    m = modellib.MaskRCNN("inference", C(), str(tmp_path))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(27, "File too large")
+    monkeypatch.setattr(h5py, "File", full_disk)
+    path = str(tmp_path / "mask_rcnn_x_0001.weights.h5")
+    with pytest.raises(OSError, match=r"mask_rcnn_x_0001.weights.h5: writing the checkpoint failed .*File too "
+                                      r"large.*previous checkpoints are intact"):
+        save_checkpoint(path, m.keras_model, 1)
+    assert not os.listdir(tmp_path) or not [f for f in os.listdir(tmp_path) if f.startswith("mask_rcnn_x")]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    config = C().derive(STEPS_PER_EPOCH=1, VALIDATION_STEPS=0, CHECKPOINTS_TO_KEEP=2)
+    m = modellib.MaskRCNN("training", config, str(tmp_path))
+    m.train(_good(), None, 0.01, epochs=4, layers="heads", seed=0, workers=0)
+    kept = sorted(f for f in os.listdir(m.log_dir) if f.endswith(".weights.h5"))
+    assert kept == [os.path.basename(m.checkpoint_path_for(e)) for e in (3, 4)]
+    assert len(read_rows(os.path.join(m.log_dir, "history.csv"))) == 4
+
+
+def _good():
+    ds = synthetic.SyntheticShapesDataset()
+    ds.load_shapes(4, 64, 64, seed=3)
+    ds.prepare()
+    return ds
+
+
+def test_a_resumed_run_with_new_log_columns_keeps_every_value_in_its_column(tmp_path):
+    from mrcnn.logs import append_row, read_table
+    path = str(tmp_path / "history.csv")
+    append_row(path, {"epoch": 1, "loss": 2.0, "rpn_class_loss": 0.5})
+    append_row(path, {"epoch": 2, "rpn_class_loss": 0.4, "loss": 1.5})               # another order
+    append_row(path, {"epoch": 3, "loss": 1.0, "toy": 0.25, "rpn_class_loss": 0.3})   # a new column
+    table = read_table(path)
+    assert table["loss"].tolist() == [2.0, 1.5, 1.0]
+    assert table["rpn_class_loss"].tolist() == [0.5, 0.4, 0.3]
+    assert np.isnan(table["toy"][:2]).all() and table["toy"][2] == 0.25
+
+
+def test_no_augmentation_sources_are_not_augmented():
+    from mrcnn.ground_truth import build_batch as batch_of
+    ds = _good()
+    flip_all = lambda image, masks, rng: (image[:, ::-1], masks[:, ::-1])   # noqa: E731
+    config = C()
+    plain = batch_of(ds, config, [0, 1], seed=0)
+    flipped = batch_of(ds, config, [0, 1], augmentation=flip_all, seed=0)
+    kept = batch_of(ds, config, [0, 1], augmentation=flip_all, seed=0, no_augmentation_sources=["shapes"])
+    assert not np.array_equal(plain["input_image"], flipped["input_image"])
+    np.testing.assert_array_equal(plain["input_image"], kept["input_image"])

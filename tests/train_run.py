@@ -19,7 +19,7 @@ def main(model_dir, epochs, steps_per_epoch):
                                  STEPS_PER_EPOCH=int(steps_per_epoch), VALIDATION_STEPS=0)
     m = modellib.MaskRCNN("training", config, model_dir)
     try:
-        m.load_weights(m.find_last())
+        m.load_weights(m.find_last(), resume=True)
         print(f"resuming from epoch {m.epoch}", flush=True)
     except FileNotFoundError:
         pass

@@ -26,8 +26,8 @@ only the EDGE_LOSS_* fields differ (``ARMS`` in ``samples/edge_study/analysis.py
 - Losses go to ``<run>/train/steps.csv`` every ``--log-every`` steps.
 - After every epoch: COCO mask (segm), Boundary and bbox AP on the val split
   (``--eval-limit`` images) with COCO-style detections
-  (``evaluation.COCO_DETECTION``: every class above 0.05, NMS 0.5, 100 per
-  image) into ``<run>/train/ap_curve.csv`` (``evaluation.PeriodicEvaluation``);
+  (``coco_results.COCO_DETECTION``: every class above 0.05, NMS 0.5, 100 per
+  image) into ``<run>/train/ap_curve.csv`` (``callbacks.PeriodicEvaluation``);
   the last row is the run's result in ``done.json``. For seed 0 also the
   edge maps of the mask head's prediction for one validation instance (its
   ground-truth box as the ROI, so it does not depend on detection) by the
@@ -71,7 +71,7 @@ if ROOT_DIR not in sys.path:   # run as a script: import this package by its ful
 from samples.edge_study import analysis as S  # noqa: E402
 from samples.edge_study.report import build_report  # noqa: E402
 from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
-from mrcnn.evaluation import COCO_DETECTION  # noqa: E402
+from mrcnn.coco_results import COCO_DETECTION  # noqa: E402
 from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
 from mrcnn.stages import TRAINING_MODES, epoch_plan, stage_overrides  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
@@ -171,7 +171,9 @@ def build_parser():
 
 def study_settings(args):
     """The settings every run of a study must share (stored in study.json)."""
-    steps_per_epoch, plan = epoch_plan(args.training_mode, args.steps, args.epochs, from_scratch=True)
+    # --epochs is the number of evaluations asked for: epochs as short as they need to be.
+    steps_per_epoch, plan = epoch_plan(args.training_mode, args.steps, args.epochs, from_scratch=True,
+                                       min_steps_per_epoch=1)
     builtin = args.dataset == "builtin"
     return {
         "dataset": "builtin" if builtin else os.path.abspath(args.dataset),
@@ -276,7 +278,7 @@ def pick_instance(dataset, config, images=10):
     """A fixed validation instance for the edge maps: the largest non-crowd one in
     the first ``images`` images. Returns (image_id, resized image [H, W, 3]
     uint8, box (y1, x1, y2, x2) pixels, mask [H, W] bool, class id)."""
-    from mrcnn.data import load_image_gt
+    from mrcnn.ground_truth import load_image_gt
     best = None
     for image_id in dataset.image_ids[:images]:
         image, _, class_ids, boxes, masks = load_image_gt(dataset, config, image_id)
@@ -313,7 +315,7 @@ def draw_edge_maps(settings, arm, checkpoints, val_set, save_path):
     at MASK_SHAPE. Also saves the crops ([mh, mw] GT, [K, mh, mw] predictions) as .npz."""
     from mrcnn import utils, visualize
     from mrcnn.checkpoints import load_into
-    from mrcnn.data import mold_image
+    from mrcnn.molding import mold_image
     config = make_config(settings, arm, inference=True, USE_MINI_MASK=False)
     image_id, image, box, mask, class_id = pick_instance(val_set, config)
     gt = utils.minimize_mask(np.asarray(box)[None], mask[..., None], config.MASK_SHAPE)[..., 0]
@@ -338,7 +340,8 @@ def run_one(settings, arm, seed, run_path, train_set, val_set, val_coco):
     the run's last checkpoint if it has one; (seed 0) draw edge maps; write done.json."""
     import keras
     from mrcnn import model as modellib
-    from mrcnn.evaluation import IOU_TYPES, PeriodicEvaluation
+    from mrcnn.callbacks import PeriodicEvaluation
+    from mrcnn.evaluation import IOU_TYPES
     from mrcnn.logs import read_table, trim
     from mrcnn.stages import train_stages
     keras.backend.clear_session()
@@ -349,7 +352,7 @@ def run_one(settings, arm, seed, run_path, train_set, val_set, val_coco):
     model.log_dir = os.path.join(run_path, "train")
     resume_from = last_checkpoint(run_path)
     if resume_from:
-        model.load_weights(resume_from)   # continues in its folder after its epoch
+        model.load_weights(resume_from, resume=True)   # continues in its folder after its epoch
         trim(model.log_dir, model.epoch, model.epoch * spe)   # before the curve is read below (train() trims too)
         log.info("%s seed %d: resuming after epoch %d/%d from %s", arm, seed, model.epoch, epochs, resume_from)
     inference = modellib.MaskRCNN("inference", make_config(settings, arm, inference=True), model_dir=run_path)
