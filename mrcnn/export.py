@@ -1,8 +1,12 @@
 """Export an inference model as a self-contained TensorFlow SavedModel.
 
 ``MaskRCNN.export(path)`` writes a SavedModel whose ``serving_default``
-signature takes one uint8 RGB image of any size, ``image [H, W, 3]``, and
-returns the detections of ``detect``:
+signature takes one uint8 image of any size, ``image``: RGB ``[H, W, 3]``, or
+what ``detect`` also takes and converts the same way (``molding.to_rgb``):
+grayscale ``[H, W]`` or ``[H, W, 1]`` (repeated to RGB), gray + alpha
+``[H, W, 2]`` and RGBA ``[H, W, 4]`` (alpha dropped). Other shapes fail with
+an InvalidArgumentError saying what is expected. It returns the detections
+of ``detect``:
 
     boxes      [N, (y1, x1, y2, x2)] float32, continuous pixels of the
                original image (``detect``'s ``rois`` are these, rounded)
@@ -10,55 +14,119 @@ returns the detections of ``detect``:
     scores     [N] float32
     masks      [N, H, W] uint8 (0/1), full image size
 
-Molding (resize to fit IMAGE_MAX_DIM, centred zero padding, mean
-subtraction) and unmolding (boxes back to the original pixels, masks pasted
+Molding (channels to RGB, resize to fit IMAGE_MAX_DIM with the geometry of
+``utils.square_resize_geometry``, centred zero padding, the config's
+normalization) and unmolding (boxes back to the original pixels, masks pasted
 with ``utils.paste_masks``' rule) happen inside the graph, so a server needs
 only TensorFlow::
 
     model = tf.saved_model.load(path)
     out = model.signatures["serving_default"](image=tf.constant(image_uint8))
 
-These are the TensorFlow twins of ``data.mold_inputs`` / ``utils.resize_image``
-and ``MaskRCNN.unmold_detections`` / ``utils.paste_masks``; the tests check
-that both give the same detections.
+These are the TensorFlow twins of ``molding.as_image_list`` /
+``molding.mold_inputs`` / ``utils.resize_image`` and
+``detection.unmold_detections`` / ``utils.paste_masks``; the tests check that
+both give the same detections.
 """
 
-import numpy as np
+import types
+
 import tensorflow as tf
 
-from mrcnn.layers import continuous_boxes
+from mrcnn.boxes import continuous_boxes
+from mrcnn.image_meta import compose_image_meta
+from mrcnn.molding import normalization
+from mrcnn.utils import square_resize_geometry
+
+
+def _float64(x):
+    return tf.cast(x, tf.float64)
+
+
+# ``utils.square_resize_geometry``'s operations in TensorFlow, on float64 like
+# Python's numbers (round half to even like Python's ``round``).
+_GEOMETRY_OPS = types.SimpleNamespace(
+    maximum=lambda a, b: tf.maximum(_float64(a), _float64(b)),
+    minimum=lambda a, b: tf.minimum(_float64(a), _float64(b)),
+    round_int=lambda x: tf.cast(tf.round(x), tf.int32),
+    where=lambda condition, x, y: tf.where(condition, _float64(x), _float64(y)))
+
+
+def resize_geometry_graph(height, width, config):
+    """(scale float64, new_height, new_width, top, left int32) of an image of
+    ``height`` x ``width`` (int tensors): ``utils.square_resize_geometry``
+    with the config's sizes, as ``detect`` computes it."""
+    return square_resize_geometry(_float64(height), _float64(width), config.IMAGE_MIN_DIM, config.IMAGE_MAX_DIM,
+                                  config.IMAGE_MIN_SCALE, ops=_GEOMETRY_OPS)
+
+
+def _expected_shapes(config):
+    """The shapes the SavedModel takes, in words (its shape error)."""
+    channels = config.IMAGE_CHANNEL_COUNT
+    if channels == 3:
+        return ("RGB [H, W, 3] expected, or grayscale [H, W] / [H, W, 1], gray + alpha [H, W, 2], "
+                "RGBA [H, W, 4]")
+    return f"[H, W, {channels}] expected (IMAGE_CHANNEL_COUNT = {channels})"
+
+
+def image_graph(image, config):
+    """One image as ``molding.as_image_list`` checks and converts it, in
+    TensorFlow: uint8 of any rank -> [H, W, IMAGE_CHANNEL_COUNT] uint8.
+
+    With 3 channels (``molding.to_rgb``): [H, W] and [H, W, 1] gray are
+    repeated to RGB, [H, W, 2] (gray + alpha) and [H, W, 4] (RGBA) lose alpha.
+    Other shapes, and empty images, raise InvalidArgumentError with the
+    expected shapes and the given one.
+    """
+    channels = config.IMAGE_CHANNEL_COUNT
+    shape = tf.shape(image)
+    rank = tf.size(shape)
+    padded = tf.concat([shape, [1, 1, 1]], axis=0)      # defined for any rank, for the checks
+    shape3 = padded[:3]                                  # [H, W] -> [H, W, 1]
+    height, width, depth = shape3[0], shape3[1], shape3[2]
+    if channels == 3:
+        fits = ((rank == 2) | (rank == 3)) & (depth >= 1) & (depth <= 4)
+    else:
+        fits = (rank == 3) & (depth == channels)
+    checks = [
+        tf.debugging.Assert(fits, [f"image: {_expected_shapes(config)}; got shape", shape], summarize=8),
+        tf.debugging.Assert(fits & (height > 0) & (width > 0), ["image: the image is empty; got shape", shape],
+                            summarize=8),
+    ]
+    with tf.control_dependencies(checks):
+        image = tf.reshape(image, shape3)
+    if channels == 3:
+        image = tf.cond(depth <= 2, lambda: tf.tile(image[:, :, :1], [1, 1, 3]), lambda: image[:, :, :3])
+    return tf.ensure_shape(image, [None, None, channels])
 
 
 def mold_image_graph(image, config):
-    """uint8 [H, W, 3] -> (molded [1, S, S, 3] float32, meta [1, META], window [4] int32, scale).
+    """uint8 [H, W, C] -> (molded [1, S, S, C] float32, meta [1, META], window [4] int32, scale).
 
-    ``utils.resize_image`` in "square" mode: scale up so the short side is at
-    least IMAGE_MIN_DIM (never down for it), cap the long side at
-    IMAGE_MAX_DIM, bilinear resize with half-pixel centres and clamped edges
-    (in float, as ``detect`` resizes), centred zero padding to IMAGE_MAX_DIM square.
+    ``utils.resize_image`` in "square" mode: the geometry of
+    ``utils.square_resize_geometry`` (computed in float64 as ``detect`` does),
+    bilinear resize with half-pixel centres and clamped edges (in float, as
+    ``detect`` resizes) if the scale is not 1, centred zero padding to
+    IMAGE_MAX_DIM square, the config's normalization.
     """
     size = int(config.IMAGE_MAX_DIM)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    h, w = shape[0], shape[1]
-    scale = tf.maximum(1., float(config.IMAGE_MIN_DIM) / tf.minimum(h, w))
-    if config.IMAGE_MIN_SCALE:
-        scale = tf.maximum(scale, float(config.IMAGE_MIN_SCALE))
-    scale = tf.where(tf.round(tf.maximum(h, w) * scale) > size, size / tf.maximum(h, w), scale)
-    new = tf.cast(tf.round(shape * scale), tf.int32)
+    shape = tf.shape(image)
+    scale, new_h, new_w, top, left = resize_geometry_graph(shape[0], shape[1], config)
     pixels = tf.cast(image, tf.float32)
-    resized = tf.cond(tf.reduce_all(new == tf.cast(shape, tf.int32)), lambda: pixels,
-                      lambda: tf.image.resize(pixels, new, method="bilinear", antialias=False))
+    resized = tf.cond(tf.equal(scale, 1.), lambda: pixels,
+                      lambda: tf.image.resize(pixels, tf.stack([new_h, new_w]), method="bilinear", antialias=False))
     resized = tf.clip_by_value(resized, 0., 255.)
-    top = (size - new[0]) // 2
-    left = (size - new[1]) // 2
-    padded = tf.pad(resized, [[top, size - new[0] - top], [left, size - new[1] - left], [0, 0]])
+    padded = tf.pad(resized, [[top, size - new_h - top], [left, size - new_w - left], [0, 0]])
     padded = tf.ensure_shape(padded, [size, size, config.IMAGE_CHANNEL_COUNT])   # static for the graph
-    molded = padded - np.asarray(config.MEAN_PIXEL, np.float32)
-    window = tf.stack([top, left, top + new[0], left + new[1]])
-    meta = tf.concat([[0.], tf.cast(tf.shape(image), tf.float32), [float(size), float(size),
-                                                                     float(config.IMAGE_CHANNEL_COUNT)],
-                      tf.cast(window, tf.float32), [scale], tf.zeros([config.NUM_CLASSES])], axis=0)
+    molded = normalization(config)(padded)
+    window = tf.stack([top, left, top + new_h, left + new_w])
+    meta = compose_image_meta(0., shape, config.IMAGE_SHAPE, window, scale, tf.zeros([config.NUM_CLASSES]),
+                              concatenate=_concat_float32)
     return molded[None], meta[None], window, scale
+
+
+def _concat_float32(pieces):
+    return tf.concat([tf.reshape(tf.cast(p, tf.float32), [-1]) for p in pieces], axis=0)
 
 
 def paste_masks_graph(masks, boxes, height, width, threshold=0.5):
@@ -85,15 +153,17 @@ def paste_masks_graph(masks, boxes, height, width, threshold=0.5):
 
 
 def serving_function(graph, config):
-    """A ``tf.function`` image [H, W, 3] uint8 -> detections dict (module
-    docstring) for an inference ``graph.Graph`` of BATCH_SIZE 1."""
+    """A ``tf.function`` image uint8 (RGB [H, W, 3], or gray / gray + alpha /
+    RGBA: ``image_graph``) -> detections dict (module docstring) for an
+    inference ``graph.Graph`` of BATCH_SIZE 1."""
     detector, mask_head = graph.detector, graph.mask_head
     if config.BATCH_SIZE != 1:
         raise ValueError("serving_function needs an inference graph with BATCH_SIZE 1")
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
+    # Any rank in the signature: [H, W] grayscale too; image_graph checks the shape.
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="image")])
     def serve(image):
-        tf.debugging.assert_greater(tf.reduce_prod(tf.shape(image)[:2]), 0, message="empty image")
+        image = image_graph(image, config)
         molded, meta, window, scale = mold_image_graph(image, config)
         out = detector({"input_image": molded, "input_image_meta": meta}, training=False)
         detections = out["detections"][0]

@@ -26,6 +26,7 @@ Fixes relative to matterport
 """
 
 import logging
+import types
 
 import numpy as np
 import skimage.transform
@@ -84,6 +85,46 @@ def _pad_centered(image, height, width):
     return image, (top, left, h + top, w + left), padding
 
 
+# The operations of the resize geometry on Python numbers (``mrcnn.export``
+# passes TensorFlow's, on float64 tensors): this module never imports TensorFlow.
+_PYTHON_OPS = types.SimpleNamespace(
+    maximum=max, minimum=min,
+    round_int=round,                                # half to even, like np.round and tf.round
+    where=lambda condition, x, y: x if condition else y)
+
+
+def _resize_scale(height, width, min_dim, max_dim, min_scale, ops=_PYTHON_OPS):
+    """``resize_image``'s scale factor: up (never down) so that the short side
+    is at least ``min_dim``, at least ``min_scale``, then, if ``max_dim`` is
+    given, capped so that the long side rounds to at most ``max_dim``."""
+    scale = ops.maximum(1, min_dim / ops.minimum(height, width)) if min_dim else 1
+    if min_scale:
+        scale = ops.maximum(scale, min_scale)
+    if max_dim:
+        longest = ops.maximum(height, width)
+        scale = ops.where(ops.round_int(longest * scale) > max_dim, max_dim / longest, scale)
+    return scale
+
+
+def square_resize_geometry(height, width, min_dim, max_dim, min_scale, ops=_PYTHON_OPS):
+    """The geometry of ``resize_image``'s "square" mode: its one definition.
+
+    Returns (scale, new_height, new_width, top, left): the image is resized
+    to ``round(height * scale) x round(width * scale)`` (half to even) and
+    placed at (top, left) of the ``max_dim`` square, centred (an odd padding
+    puts its extra row / column at the bottom / right).
+
+    ``resize_image`` calls it with Python numbers. ``export.mold_image_graph``
+    calls it with float64 tensors and ``ops`` a namespace of TensorFlow's
+    ``maximum``, ``minimum``, ``round_int`` (round half to even, to int32) and
+    ``where``: the same IEEE float64 operations in the same order, so the
+    SavedModel's window and scale are those of ``detect`` bit for bit.
+    """
+    scale = _resize_scale(height, width, min_dim, max_dim, min_scale, ops)
+    new_height, new_width = ops.round_int(height * scale), ops.round_int(width * scale)
+    return scale, new_height, new_width, (max_dim - new_height) // 2, (max_dim - new_width) // 2
+
+
 def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square", rng=None):
     """Resizes an image keeping the aspect ratio unchanged.
 
@@ -138,25 +179,22 @@ def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square
     if mode in ("pad64", "crop") and not min_dim:
         raise ValueError(f"resize_image: mode {mode!r} needs min_dim")
 
-    # Scale up but not down
-    if min_dim:
-        scale = max(1, min_dim / min(h, w))
-    if min_scale and scale < min_scale:
-        scale = min_scale
-
-    # Does it exceed max dim?
-    if max_dim and mode == "square":
-        image_max = max(h, w)
-        if round(image_max * scale) > max_dim:
-            scale = max_dim / image_max
+    # Scale up but not down; in "square" mode the long side must fit max_dim.
+    if mode == "square":
+        scale, new_h, new_w, top, left = square_resize_geometry(h, w, min_dim, max_dim, min_scale)
+    else:
+        scale = _resize_scale(h, w, min_dim, None, min_scale)
+        new_h, new_w = round(h * scale), round(w * scale)
 
     if scale != 1:
         # Edge mode: the border pixels keep their values (matterport's default,
         # "constant", blended them with black when scaling up).
-        image = resize(image, (round(h * scale), round(w * scale)), mode="edge", preserve_range=True)
+        image = resize(image, (new_h, new_w), mode="edge", preserve_range=True)
 
     if mode == "square":
-        image, window, padding = _pad_centered(image, max_dim, max_dim)
+        padding = [(top, max_dim - new_h - top), (left, max_dim - new_w - left), (0, 0)]
+        image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
+        window = (top, left, top + new_h, left + new_w)
     elif mode == "pad64":
         if min_dim % 64 != 0:
             raise ValueError(f"resize_image: min_dim ({min_dim}) must be a multiple of 64 in mode 'pad64'")

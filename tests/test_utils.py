@@ -228,6 +228,22 @@ def test_resize_image_square_scaled():
     assert scale2 == pytest.approx(80 / 50) and window2[3] - window2[1] == 80
 
 
+def test_resize_image_square_follows_square_resize_geometry():
+    # resize_image's "square" mode is square_resize_geometry (also the exported
+    # SavedModel's, tests/test_export.py), computed in float64 with Python's round.
+    for (h, w), (min_dim, max_dim, min_scale) in [((30, 50), (40, 80, 0)), ((1, 1), (64, 64, 0)),
+                                                   ((91, 896), (64, 64, 0)), ((50, 30), (None, 64, 0)),
+                                                   ((192, 195), (800, 1024, 0)), ((20, 9), (8, 64, 2.5))]:
+        scale, new_h, new_w, top, left = utils.square_resize_geometry(h, w, min_dim, max_dim, min_scale)
+        out, window, scale2, padding, _ = utils.resize_image(make_image(h, w), min_dim, max_dim, min_scale)
+        assert (scale2, window) == (scale, (top, left, top + new_h, left + new_w))
+        check_window_and_padding(out, window, padding, (new_h, new_w))
+    # 195 * (800 / 192) is 812.5 in exact arithmetic, a hair above in float64: 813.
+    assert utils.square_resize_geometry(192, 195, 800, 1024, 0)[1:] == (800, 813, 112, 105)
+    # 91 * 64 / 896 is 6.5: float64 gives 6 (half to even), float32 arithmetic gave 7.
+    assert utils.square_resize_geometry(91, 896, 64, 64, 0)[1:] == (6, 64, 29, 0)
+
+
 def test_resize_image_scaling_up_keeps_the_border_values():
     img = np.full((30, 50, 3), 200, np.uint8)
     out, window, *_ = utils.resize_image(img, min_dim=48, max_dim=80, mode="square")
