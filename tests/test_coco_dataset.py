@@ -291,3 +291,128 @@ def test_synthetic_coco_folder_loads(tmp_path):
         image = ds.load_image(i)
         assert masks.shape[:2] == image.shape[:2] == (64, 64)
         assert masks.shape[-1] == class_ids.shape[0]
+
+
+############################################################
+#  Image files checked up front
+############################################################
+
+def _with_file_names(data, names):
+    """``data`` with the image ``file_name`` of each id in ``names`` replaced."""
+    for img in data["images"]:
+        if img["id"] in names:
+            img["file_name"] = names[img["id"]]
+    return data
+
+
+def _truncate(path, keep=0.5):
+    with open(path, "rb") as f:
+        b = f.read()
+    with open(path, "wb") as f:
+        f.write(b[:int(len(b) * keep)])
+
+
+def _write_image(path, height, width, exif_orientation=None):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    if exif_orientation is None:
+        im.save(path)
+    else:
+        exif = im.getexif()
+        exif[0x0112] = exif_orientation
+        im.save(path, exif=exif)
+
+
+def test_good_jpeg_and_png_files_pass(tmp_path):
+    data = _with_file_names(make_json(), {10: "img_10.jpg", 20: "img_20.jpeg"})
+    write_coco(tmp_path, data)
+    image_dir = tmp_path / "train2017"
+    # Padding after the JPEG end marker, and data after it (as phones'
+    # "motion photos"): both decode, so both pass.
+    with open(image_dir / "img_10.jpg", "ab") as f:
+        f.write(b"\x00" * 16)
+    with open(image_dir / "img_20.jpeg", "ab") as f:
+        f.write(b"ftypmp42" + bytes(range(256)) * 4)
+    for name in ("img_10.jpg", "img_20.jpeg", "img_30.png"):
+        assert coco_dataset.image_file_problems(str(image_dir / name), W, H) == []
+    ds = CocoDataset()
+    ds.load_coco(tmp_path, "train")
+    ds.prepare()
+    assert [ds.load_image(i).shape for i in ds.image_ids] == [(H, W, 3)] * 4
+
+
+def test_bad_image_files_reported_at_once(tmp_path):
+    data = _with_file_names(make_json(), {20: "img_20.jpg", 40: "img_40.jpg"})
+    data["images"].append({"id": 50, "file_name": "img_50.png", "height": H, "width": W})
+    data["images"].append({"id": 60, "file_name": "img_60.png", "height": H, "width": W})
+    data["images"].append({"id": 70, "file_name": "img_70.jpg", "height": W, "width": H})
+    ann_file = write_coco(tmp_path, data)
+    image_dir = tmp_path / "train2017"
+    _truncate(image_dir / "img_10.png")                       # truncated PNG
+    _truncate(image_dir / "img_20.jpg", keep=0.9)             # truncated JPEG
+    _write_image(image_dir / "img_30.png", H, W + 8)          # resized PNG
+    _write_image(image_dir / "img_40.jpg", H // 2, W // 2)    # resized JPEG
+    os.remove(image_dir / "img_50.png")                       # missing
+    with open(image_dir / "img_60.png", "wb") as f:           # not an image
+        f.write(b"<html>404 Not Found</html>")
+    # Annotated on the rotated image (EXIF orientation 6): the JSON has the
+    # displayed size, the file (and load_image) the stored one.
+    _write_image(image_dir / "img_70.jpg", H, W, exif_orientation=6)
+
+    with pytest.raises(coco_dataset.CocoImageError) as e:
+        CocoDataset().load_coco(tmp_path, "train")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ValueError)
+    msg = str(e.value)
+    assert ann_file in msg and "check_images=False" in msg
+    assert ("7 of 7 image files are missing, unreadable, truncated or of another size than the "
+            "annotation file says") in msg
+    lines = {int(line.split()[2].rstrip(":")): line for line in msg.splitlines()
+             if line.startswith("  image id ")}
+    assert sorted(lines) == [10, 20, 30, 40, 50, 60, 70]
+    for i, line in lines.items():
+        assert str(image_dir / data["images"][[im["id"] for im in data["images"]].index(i)]
+                   ["file_name"]) in line
+    assert "truncated or corrupt PNG" in lines[10] and "IEND" in lines[10]
+    assert "truncated or corrupt JPEG" in lines[20] and "FF D9" in lines[20]
+    assert f"the file is {W + 8}x{H} (width x height) but the annotation file says {W}x{H}" \
+        in lines[30]
+    assert f"the file is {W // 2}x{H // 2}" in lines[40] and f"says {W}x{H}" in lines[40]
+    assert lines[50].endswith("(missing)")
+    assert "cannot be read as an image" in lines[60]
+    assert f"the file is {W}x{H}" in lines[70] and "EXIF orientation 6" in lines[70]
+
+    # At most `show` listed, with the count of the others.
+    images = data["images"]
+    with pytest.raises(coco_dataset.CocoImageError, match=r"\.\.\. and 5 more") as e:
+        coco_dataset.check_image_files(str(image_dir), images, ann_file, show=2)
+    assert sum(line.startswith("  image id ") for line in str(e.value).splitlines()) == 2
+    # content=False checks only that the files exist and are not empty.
+    with pytest.raises(FileNotFoundError, match="1 of 7 image files are missing under") as e:
+        coco_dataset.check_image_files(str(image_dir), images, ann_file, content=False)
+    assert "image id 50" in str(e.value)
+
+    # check_images=False skips the checks; the truncated file fails when loaded.
+    ds = CocoDataset()
+    ds.load_coco(tmp_path, "train", check_images=False)
+    ds.prepare()
+    assert ds.num_images == 7
+    with pytest.raises(OSError, match="img_10.png"):
+        ds.load_image(0)
+
+
+def test_empty_and_truncated_files_named(tmp_path):
+    data = _with_file_names(make_json(), {20: "img_20.jpg"})
+    write_coco(tmp_path, data)
+    image_dir = tmp_path / "train2017"
+    open(image_dir / "img_10.png", "wb").close()
+    _truncate(image_dir / "img_20.jpg", keep=0.999)           # only the last bytes lost
+    assert coco_dataset.image_file_problems(str(image_dir / "img_10.png")) == ["empty"]
+    problems = coco_dataset.image_file_problems(str(image_dir / "img_20.jpg"), W, H)
+    assert len(problems) == 1 and "truncated or corrupt JPEG" in problems[0]
+    with pytest.raises(FileNotFoundError) as e:
+        CocoDataset().load_coco(tmp_path, "train")
+    msg = str(e.value)
+    assert "2 of 4 image files are empty or truncated" in msg
+    assert f"image id 10: {image_dir / 'img_10.png'} (empty)" in msg
+    assert f"image id 20: {image_dir / 'img_20.jpg'} (truncated or corrupt JPEG" in msg
