@@ -117,3 +117,22 @@ def test_train_then_evaluate_on_builtin_data(tmp_path):
     assert len(first5) == 5 and {d["image_id"] for d in detections} == first5
     assert all(d["score"] >= 0.05 and d["category_id"] in categories for d in detections)
     assert os.path.exists(stem + "_image0.png")
+
+
+def test_model_path_starts_a_new_run_in_logs_and_model_last_resumes(tmp_path):
+    """coco.py train --model PATH with a checkpoint of this library starts a
+    new run from its weights in --logs (matterport's API resumed, from epoch
+    and folder of the file); --model last resumes the newest run."""
+    run_cli(tmp_path, "train", "--steps", "2", "--image-size", "64")
+    first = glob.glob(str(tmp_path / "logs" / "coco_builtin*" / "*.weights.h5"))
+    assert len(first) == 1
+    other_logs = tmp_path / "other"
+    coco.main(["train", "--steps", "2", "--image-size", "64", "--model", first[0], "--logs", str(other_logs),
+               "--builtin-dir", str(tmp_path / "data"), "--builtin-images", "24"])
+    new = glob.glob(str(other_logs / "coco_builtin*" / "mask_rcnn_coco_builtin_0001.weights.h5"))
+    assert len(new) == 1 and os.path.dirname(new[0]) != os.path.dirname(first[0])
+    assert len(glob.glob(os.path.join(os.path.dirname(first[0]), "*.weights.h5"))) == 1   # untouched
+    # --model last continues the newest run of --logs (already complete here: nothing more to train).
+    model = run_cli(tmp_path, "train", "--steps", "2", "--image-size", "64", "--model", "last",
+                    "--training-mode", "single")
+    assert model.epoch == 1 and model.log_dir == os.path.dirname(first[0])

@@ -334,3 +334,18 @@ def test_a_worker_waiting_for_its_cluster_stops_on_a_signal(tmp_path, signum):
                     proc.wait()
         else:
             pytest.fail(f"the worker's port was taken {LAUNCH_ATTEMPTS} times")
+
+
+def test_watchdog_gives_each_kind_of_call_its_first_compile_allowance_and_stops(monkeypatch):
+    from mrcnn.worker_failures import Watchdog
+    monkeypatch.setenv("MRCNN_COLLECTIVE_TIMEOUT", "40")
+    dog = Watchdog()
+    assert dog.timeout == 40.                      # read when the watchdog is made, not at import
+    limits = []
+    for what, kind in (("step 1", "step"), ("update 1", "update"), ("step 2", "step"),
+                       ("validation step", "validation"), ("update 2", "update")):
+        with dog.watch(what, kind):
+            limits.append(dog._limit)
+    assert limits == [120., 120., 40., 120., 40.]
+    dog.close()
+    assert not dog._thread.is_alive()

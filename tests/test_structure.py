@@ -98,8 +98,25 @@ def test_matterport_names_still_import():
 def test_numpy_modules_and_logs_load_without_tensorflow():
     code = ("import sys\n"
             "import mrcnn.utils, mrcnn.boxes, mrcnn.metrics, mrcnn.dataset, mrcnn.logs, mrcnn.evaluation\n"
-            "import mrcnn.coco_dataset, mrcnn.synthetic, mrcnn.synthetic_coco, mrcnn.presets\n"
+            "import mrcnn.coco_dataset, mrcnn.synthetic, mrcnn.synthetic_coco, mrcnn.presets, mrcnn.config\n"
+            "import mrcnn.parts, mrcnn.image_meta, mrcnn.edge_filters, mrcnn.molding, mrcnn.augmentation\n"
+            "import mrcnn.ground_truth, mrcnn.loader, mrcnn.coco_results, mrcnn.runs, mrcnn.stages\n"
             "bad = [m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.')]\n"
             "assert not bad, bad[:3]\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def test_each_convention_is_written_in_one_module():
+    """The image-meta layout, the normalized-box shift and the choices of the
+    config fields are each spelled out in one module only."""
+    texts = {name: open(os.path.join(LIBRARY, name)).read() for name in os.listdir(LIBRARY) if name.endswith(".py")}
+
+    def where(snippet):
+        return sorted(name for name, text in texts.items() if snippet in text)
+    assert where('("window", 4)') == ["image_meta.py"]
+    assert where("meta[:, 7:11]") == [] and where("1 + 3 + 3 + 4 + 1") == []
+    assert where("[0., 0., 1., 1.]") == ["boxes.py"] and where("[0, 0, 1, 1]") == []
+    assert where('("auto", "none", "mirrored", "multiworker")') == ["config.py"]
+    assert where('"rpn_class_loss", "rpn_bbox_loss"') == ["parts.py"]
+    assert where('("matterport", "coco")') == ["config.py"]
