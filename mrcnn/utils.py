@@ -125,7 +125,73 @@ def square_resize_geometry(height, width, min_dim, max_dim, min_scale, ops=_PYTH
     return scale, new_height, new_width, (max_dim - new_height) // 2, (max_dim - new_width) // 2
 
 
-def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square", rng=None):
+class ResizeScale(float):
+    """The scale factor of the "torchvision" mode, with the exact size it
+    resized to (``output_shape``: floor(side * scale), which ``resize_mask``
+    must reproduce; ``round`` would be one pixel larger now and then)."""
+
+    def __new__(cls, value, output_shape):
+        obj = super().__new__(cls, value)
+        obj.output_shape = tuple(int(v) for v in output_shape)
+        return obj
+
+
+def torchvision_resize_geometry(height, width, min_dim, max_dim):
+    """torchvision's ``GeneralizedRCNNTransform`` geometry: (scale, new_height,
+    new_width) with scale = min(min_dim / short side, max_dim / long side)
+    (up or down) and the new sides floor(side * scale) (Python floats, as
+    ``F.interpolate(scale_factor=..., recompute_scale_factor=True)``)."""
+    scale = min(float(min_dim) / min(height, width), float(max_dim) / max(height, width))
+    return scale, max(1, int(np.floor(float(height) * scale))), max(1, int(np.floor(float(width) * scale)))
+
+
+def _linear_taps(in_size, out_size):
+    """PyTorch's bilinear taps along one axis (align_corners=False, no
+    antialiasing, scale recomputed from the sizes), in float32 as its CPU
+    kernel: (index0, index1, weight0, weight1)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0., 1.).astype(np.float32)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, (np.float32(1.) - lam), lam
+
+
+def torch_bilinear_resize(image, height, width):
+    """``torch.nn.functional.interpolate(mode="bilinear", align_corners=False,
+    antialias=False)`` of ``image`` [H, W, ...] to [height, width, ...], in
+    NumPy float32 (the same taps and weights; results agree to float rounding).
+    torchvision resizes its input images and pastes its masks with it."""
+    image = np.asarray(image, np.float32)
+    y0, y1, wy0, wy1 = _linear_taps(image.shape[0], int(height))
+    x0, x1, wx0, wx1 = _linear_taps(image.shape[1], int(width))
+    extra = (1,) * (image.ndim - 2)
+    wx0, wx1 = wx0.reshape((1, -1) + extra), wx1.reshape((1, -1) + extra)
+    rows = image[:, x0] * wx0 + image[:, x1] * wx1
+    return rows[y0] * wy0.reshape((-1, 1) + extra) + rows[y1] * wy1.reshape((-1, 1) + extra)
+
+
+def _torchvision_resize(image, min_dim, max_dim, canvas):
+    """The "torchvision" mode of ``resize_image``: torch's bilinear resize,
+    the image at the top left of a ``canvas`` (height, width) zero-filled."""
+    h, w = image.shape[:2]
+    if not (min_dim and max_dim):
+        raise ValueError("resize_image: mode 'torchvision' needs min_dim and max_dim")
+    scale, new_h, new_w = torchvision_resize_geometry(h, w, min_dim, max_dim)
+    if canvas is None:
+        canvas = (-(-int(max_dim) // 32) * 32,) * 2
+    ch, cw = (int(v) for v in canvas[:2])
+    if new_h > ch or new_w > cw:
+        raise ValueError(f"resize_image: a {h}x{w} image resizes to {new_h}x{new_w}, larger than the "
+                         f"canvas {ch}x{cw} (IMAGE_CANVAS)")
+    resized = torch_bilinear_resize(image, new_h, new_w) if (new_h, new_w) != (h, w) else image
+    padding = [(0, ch - new_h), (0, cw - new_w), (0, 0)]
+    out = np.pad(resized, padding[:image.ndim], mode="constant", constant_values=0)
+    return out, (0, 0, new_h, new_w), ResizeScale(scale, (new_h, new_w)), padding
+
+
+def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square", rng=None, canvas=None):
     """Resizes an image keeping the aspect ratio unchanged.
 
     image: [height, width, channels] (or [height, width]).
@@ -148,6 +214,12 @@ def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square
               on min_dim and min_scale, then picks a random crop of
               size min_dim x min_dim. Can be used in training only.
               max_dim is not used in this mode.
+        torchvision: torchvision's GeneralizedRCNNTransform: scale up or down
+              by min(min_dim / short side, max_dim / long side) to
+              floor(side * scale) with PyTorch's bilinear interpolation
+              (``torch_bilinear_resize``), then zero-pad at the bottom and
+              right to ``canvas`` (height, width; default max_dim rounded up
+              to a multiple of 32, square). min_scale is not used.
     rng: optional ``numpy.random.Generator`` for the crop position
         (default: a fresh unseeded generator).
 
@@ -172,6 +244,9 @@ def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square
 
     if mode == "none":
         return image, window, scale, padding, crop
+    if mode == "torchvision":
+        out, window, scale, padding = _torchvision_resize(image, min_dim, max_dim, canvas)
+        return _cast_like(out, image_dtype), window, scale, padding, None
     if mode not in ("square", "pad64", "crop"):
         raise ValueError(f"resize_image: mode {mode!r} not supported; use 'none', 'square', 'pad64' or 'crop'")
     if mode == "square" and not max_dim:
@@ -233,7 +308,7 @@ def resize_mask(mask, scale, padding, crop=None):
     mask = np.asarray(mask)
     h, w = mask.shape[:2]
     if scale != 1:
-        new_shape = (round(h * scale), round(w * scale)) + mask.shape[2:]
+        new_shape = getattr(scale, "output_shape", (round(h * scale), round(w * scale))) + mask.shape[2:]
         if mask.size == 0:
             mask = np.zeros(new_shape, dtype=mask.dtype)
         else:
@@ -383,3 +458,40 @@ def unmold_mask(mask, bbox, image_shape):
     is pasted); a zero-area box gives an empty mask.
     """
     return paste_masks(np.asarray(mask)[None], np.asarray(bbox, np.float64)[None, :4], image_shape)[..., 0]
+
+
+def download_trained_weights(coco_model_path, verbose=1):
+    """Download matterport's COCO trained weights (``mask_rcnn_coco.h5``, v2.0 release).
+
+    coco_model_path: where the .h5 file should end up.
+    verbose: 0 prints nothing; 1 prints start/end messages and a progress bar.
+
+    The file is fetched with ``mrcnn.pretrained.fetch("coco")``: it is cached in
+    Keras's folder (``$KERAS_HOME/models`` or ``~/.keras/models``), checked by
+    size and hash, and only downloaded if the cache lacks a good copy. It is then
+    copied to ``coco_model_path`` (through a temporary file, so a half-copied file
+    never appears there) unless that is the cache path itself.
+
+    Raises ``mrcnn.pretrained.WeightsUnavailableError`` (an OSError) when it can
+    neither be found nor downloaded; the message says where to copy the file.
+    """
+    import os
+    import shutil
+
+    from mrcnn import pretrained
+
+    if verbose > 0:
+        print("Downloading pretrained model to " + coco_model_path + " ...")
+    cached = pretrained.fetch("coco", progress=verbose > 0)
+    if os.path.abspath(coco_model_path) != os.path.abspath(cached):
+        folder = os.path.dirname(os.path.abspath(coco_model_path))
+        os.makedirs(folder, exist_ok=True)
+        part = f"{coco_model_path}.part-{os.getpid()}"
+        try:
+            shutil.copyfile(cached, part)
+            os.replace(part, coco_model_path)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+    if verbose > 0:
+        print("... done downloading pretrained model!")
