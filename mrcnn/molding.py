@@ -68,6 +68,32 @@ class ImageNetNormalization(PixelNormalization):
         return cls(np.array(cls.MEAN) * 255., np.array(cls.STD) * 255.)
 
 
+class CaffeNormalization(PixelNormalization):
+    """keras.applications' ResNet ("caffe" mode of its ``preprocess_input``):
+    RGB -> BGR, then the BGR ImageNet mean subtracted, no scaling (registered
+    as "caffe", for the "resnet50_keras" / "resnet101_keras" backbones and
+    the Caffe-converted ImageNet files; ``MEAN_PIXEL`` is not used)."""
+
+    MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self):
+        super().__init__(self.MEAN_BGR, 1.0)
+
+    def __call__(self, pixels):
+        return super().__call__(pixels[..., ::-1])
+
+    def invert(self, values):
+        """Network input (BGR) -> RGB pixels on the 0..255 scale (float)."""
+        return super().invert(values)[..., ::-1]
+
+    def __repr__(self):
+        return f"{type(self).__name__}(bgr_mean={self.mean.tolist()})"
+
+    @classmethod
+    def for_config(cls, config):
+        return cls()
+
+
 def normalization(config):
     """The ``INPUT_NORMALIZATION`` part of ``config``."""
     return parts.build("normalization", config)
@@ -171,10 +197,12 @@ def to_rgb(image):
 # ---------------------------------------------------------------------------
 
 def resize_for_config(image, config, mode=None, rng=None):
-    """``utils.resize_image`` with the config's settings (fixed output shape)."""
+    """``utils.resize_image`` with the config's settings (fixed output shape;
+    the "torchvision" mode's canvas is IMAGE_SHAPE)."""
     return utils.resize_image(image, min_dim=config.IMAGE_MIN_DIM, max_dim=config.IMAGE_MAX_DIM,
                               min_scale=config.IMAGE_MIN_SCALE,
-                              mode=mode or config.IMAGE_RESIZE_MODE, rng=rng)
+                              mode=mode or config.IMAGE_RESIZE_MODE, rng=rng,
+                              canvas=tuple(int(v) for v in config.IMAGE_SHAPE[:2]))
 
 
 def mold_inputs(images, config):
@@ -185,13 +213,21 @@ def mold_inputs(images, config):
     image_metas [N, IMAGE_META_SIZE], windows [N, 4] pixels).
     """
     norm = normalization(config)
+    # "crop" is for training; detection resizes the "square" way. torchvision
+    # pads after normalizing: its padding is 0 in the network's input.
+    torchvision = config.IMAGE_RESIZE_MODE == "torchvision"
     molded, metas, windows = [], [], []
     for image in images:
         if image.ndim != 3 or image.shape[2] != config.IMAGE_CHANNEL_COUNT:
             raise ValueError(f"mold_inputs: expected images [H, W, {config.IMAGE_CHANNEL_COUNT}], "
                              f"got shape {image.shape}")
-        resized, window, scale, _, _ = resize_for_config(image, config, mode="square")
-        molded.append(norm(resized))
+        resized, window, scale, _, _ = resize_for_config(image, config,
+                                                         mode="torchvision" if torchvision else "square")
+        normalized = norm(resized)
+        if torchvision:
+            normalized[window[2]:] = 0.
+            normalized[:, window[3]:] = 0.
+        molded.append(normalized)
         metas.append(compose_image_meta(0, image.shape, resized.shape, window, scale,
                                         np.zeros([config.NUM_CLASSES], np.int32)))
         windows.append(window)

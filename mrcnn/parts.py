@@ -155,6 +155,15 @@ def check_config(config):
 # ---------------------------------------------------------------- built-ins
 for _arch in ("resnet50", "resnet101", "resnet_small"):
     register("backbone", _arch, "mrcnn.backbone:ResNetFPN", architecture=_arch)
+# Variants that reproduce other ResNets exactly (mrcnn.backbone's docstring):
+# keras.applications' ResNet50/101 (input: "caffe") and torchvision's (input: "imagenet").
+for _arch in ("resnet50", "resnet101"):
+    register("backbone", f"{_arch}_keras", "mrcnn.backbone:ResNetFPN", architecture=_arch,
+             stem="pytorch", bn_epsilon=1.001e-5)
+register("backbone", "resnet50_torchvision", "mrcnn.backbone:ResNetFPN", architecture="resnet50",
+         stride_in_3x3=True, stem="pytorch", bn_epsilon=1e-5, conv_bias=False)
+register("backbone", "resnet50_torchvision_v2", "mrcnn.backbone:ResNetFPN", architecture="resnet50",
+         stride_in_3x3=True, stem="pytorch", bn_epsilon=1e-5, conv_bias=False, fpn_norm=True)
 register("rpn_head", "matterport", "mrcnn.heads:RPNHead")
 register("proposals", "matterport", "mrcnn.proposals:ProposalLayer")
 register("roi_align", "aligned", "mrcnn.roi_align:PyramidROIAlign", mode="aligned")
@@ -163,6 +172,7 @@ register("box_head", "matterport", "mrcnn.heads:BoxHead")
 register("mask_head", "matterport", "mrcnn.heads:MaskHead")
 register("normalization", "mean_pixel", "mrcnn.molding:MeanPixelNormalization")
 register("normalization", "imagenet", "mrcnn.molding:ImageNetNormalization")
+register("normalization", "caffe", "mrcnn.molding:CaffeNormalization")
 
 #: The five Mask R-CNN losses (L_MRCNN of the paper), in log order.
 MASK_RCNN_LOSSES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
