@@ -304,8 +304,8 @@ class OursSide:
         else:
             loaded = load_into(inf.keras_model, self.sync_path, by_name=True)
         expected = len(layers_with_weights(inf.keras_model))
-        if len(loaded) != expected:
-            progress(f"warning: {self.label}: copied {len(loaded)} of {expected} layers "
+        if len(loaded.loaded) != expected:
+            progress(f"warning: {self.label}: copied {len(loaded.loaded)} of {expected} layers "
                      f"to the {regime} inference model")
         self._synced.add(regime)
 

@@ -51,6 +51,14 @@ def copy_weights(source_model, target_model):
 
 def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra=None):
     """Atomically write weights (+ optimizer slots) of ``keras_model`` to ``path``."""
+    layers = {name: [w.numpy() for w in layer.weights] for name, layer in layers_with_weights(keras_model).items()}
+    write_weights(path, layers, epoch, optimizer=optimizer, config=config, extra=extra)
+
+
+def write_weights(path, layers, epoch=0, optimizer=None, config=None, extra=None):
+    """Atomically write ``layers`` ({layer name: [arrays in the layer's weight
+    order]}) to ``path`` in our checkpoint format (e.g. weights converted from
+    another library), with the optimizer's slots, the config and ``extra``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with h5py.File(tmp, "w") as f:
@@ -61,10 +69,10 @@ def save_checkpoint(path, keras_model, epoch, optimizer=None, config=None, extra
             if extra:
                 f.attrs["extra"] = json.dumps(extra, default=str)
             g = f.create_group("weights")
-            for name, layer in layers_with_weights(keras_model).items():
+            for name, arrays in layers.items():
                 lg = g.create_group(name)
-                for i, w in enumerate(layer.weights):
-                    lg.create_dataset(str(i), data=np.asarray(w.numpy()))
+                for i, array in enumerate(arrays):
+                    lg.create_dataset(str(i), data=np.asarray(array))
             if optimizer is not None and optimizer.variables:
                 og = f.create_group("optimizer")
                 for v in optimizer.variables:
@@ -144,53 +152,120 @@ def is_readable_checkpoint(path):
         return False
 
 
-def load_into(keras_model, path, by_name=False, exclude=None):
+class LoadReport:
+    """What ``load_into`` did: ``loaded``, ``excluded`` (asked for, or
+    class-specific layers whose shapes differ), ``missing`` (layers of the
+    model the file lacks, kept as they were), ``mismatched`` ((name, shapes in
+    the file, shapes in the model), not loaded) and ``unused`` (layers of the
+    file the model lacks)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.loaded, self.excluded, self.missing, self.mismatched, self.unused = [], [], [], [], []
+
+    def summary(self):
+        """One line of counts, then the names of the excluded, missing and refused layers."""
+        def names(items, limit=12):
+            items = [i if isinstance(i, str) else i[0] for i in items]
+            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+            return ", ".join(items[:limit]) + more
+        lines = [f"{self.path}: loaded {len(self.loaded)} layers; excluded {len(self.excluded)}; "
+                 f"{len(self.missing)} missing from the file; {len(self.mismatched)} refused for their shapes"]
+        for what, items in (("excluded", self.excluded), ("missing from the file", self.missing),
+                            ("refused (shapes)", self.mismatched)):
+            if items:
+                lines.append(f"  {what}: {names(items)}")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return self.summary()
+
+
+def _partial_groups(report, groups):
+    """{group: (layers of the group in the file, layers missing)} for the groups
+    that are only partly in the file."""
+    by_group = {}
+    for name in report.loaded + [m[0] for m in report.mismatched]:
+        by_group.setdefault(groups.get(name), [[], []])[0].append(name)
+    for name in report.missing:
+        by_group.setdefault(groups.get(name), [[], []])[1].append(name)
+    return {g: (present, absent) for g, (present, absent) in by_group.items() if g and present and absent}
+
+
+def load_into(keras_model, path, by_name=False, exclude=None, rename=None, class_specific=(), groups=None,
+              partial=False):
     """Assign the weights in ``path`` to ``keras_model``'s layers by layer name.
 
-    by_name=False: every layer of the model must be in the file.
-    by_name=True: layers missing from the file keep their values (logged).
-    exclude: layer names (or regexes) to skip, e.g. the class-specific heads
-    when the number of classes differs.
-    Returns the names of the layers that were loaded.
+    by_name=False: every layer of the model must be in the file (or excluded).
+    by_name=True: layers missing from the file keep their values (reported).
+    exclude: layer names (or regexes) to skip.
+    rename: {name in the file: name in the model}, applied to the file first
+        (e.g. keras.applications' ImageNet layer names).
+    class_specific: names of the layers whose shapes depend on NUM_CLASSES:
+        when their shapes differ from the file's they are excluded, and the
+        report says so (weights of a model trained on other classes).
+    groups: {layer name: part} of the model (``Graph.groups``). A part that
+        is only partly in the file (some of its layers there, some not) or a
+        layer of another shape means the file is of another architecture
+        (ResNet-50 weights for a ResNet-101, say): refused with a message
+        naming the part, unless ``partial=True`` (then loaded as far as it
+        goes, the rest reported).
+    Returns a ``LoadReport``; raises ValueError naming the file and the layers.
     """
     stored = read_weights(path)
+    report = LoadReport(path)
     if stored is None:
-        if by_name or exclude:
+        if by_name or exclude or rename:
             raise ValueError(f"{path}: a Keras 3 .weights.h5 file cannot be loaded by name; "
                              "use a checkpoint written by MaskRCNN.train or a Keras 2 .h5 file")
         try:
             keras_model.load_weights(path)
         except Exception as e:
             raise OSError(f"{path}: cannot load these weights into the model ({type(e).__name__}: {e})") from e
-        return [layer.name for layer in keras_model.layers if layer.weights]
+        report.loaded = [layer.name for layer in keras_model.layers if layer.weights]
+        return report
+    if rename:
+        stored = {rename.get(name, name): arrays for name, arrays in stored.items()}
     exclude = list(exclude or [])
     excluded = (lambda n: any(n == e or re.fullmatch(e, n) for e in exclude))
-    loaded, missing = [], []
-    for name, layer in layers_with_weights(keras_model).items():
+    model_layers = layers_with_weights(keras_model)
+    report.unused = sorted(set(stored) - set(model_layers))
+    assign = []
+    for name, layer in model_layers.items():
         if excluded(name):
+            report.excluded.append(name)
             continue
         if name not in stored:
-            missing.append(name)
+            report.missing.append(name)
             continue
         arrays = stored[name]
-        if len(arrays) != len(layer.weights):
-            raise ValueError(f"{path}: layer {name!r} has {len(arrays)} weight arrays in the file, "
-                             f"{len(layer.weights)} in the model")
-        for w, a in zip(layer.weights, arrays):
-            if tuple(w.shape) != a.shape:
-                raise ValueError(
-                    f"{path}: layer {name!r} weight {w.path} has shape {a.shape} in the file but "
-                    f"{tuple(w.shape)} in the model; pass exclude=[{name!r}, ...] to skip "
-                    "layers whose shape depends on NUM_CLASSES")
+        file_shapes = [tuple(a.shape) for a in arrays]
+        model_shapes = [tuple(w.shape) for w in layer.weights]
+        if file_shapes != model_shapes:
+            if name in class_specific:
+                report.excluded.append(name)
+                log.info("%s: %s left out: its shapes %s in the file are for another number of classes "
+                         "(the model's: %s)", path, name, file_shapes, model_shapes)
+            else:
+                report.mismatched.append((name, file_shapes, model_shapes))
+            continue
+        assign.append((layer, arrays))
+        report.loaded.append(name)
+    partly = _partial_groups(report, groups or {})
+    if (report.mismatched or partly) and not partial:
+        problems = [f"{name}: {f} in the file, {m} in the model" for name, f, m in report.mismatched[:5]]
+        problems += [f"{group}: {len(absent)} of its {len(present) + len(absent)} layers are not in the file "
+                     f"(e.g. {', '.join(absent[:3])})" for group, (present, absent) in partly.items()]
+        raise ValueError(f"{path}: the file is not of this model's architecture:\n  " + "\n  ".join(problems)
+                         + "\nPick the config that matches the file (e.g. its BACKBONE), exclude those layers "
+                         "(exclude=[...]), or load what matches with partial=True.")
+    if report.missing and not (by_name or partial):
+        raise ValueError(f"{path}: {len(report.missing)} layers of the model are not in the file "
+                         f"(e.g. {report.missing[:5]}); use by_name=True to load a partial file")
+    for layer, arrays in assign:
         for w, a in zip(layer.weights, arrays):
             w.assign(a)
-        loaded.append(name)
-    if missing and not by_name:
-        raise ValueError(f"{path}: {len(missing)} layers of the model are not in the file "
-                         f"(e.g. {missing[:5]}); use by_name=True to load a partial file")
-    if missing:
-        log.info("%s: %d layers not in the file keep their initial weights", path, len(missing))
-    return loaded
+    return report
 
 
 def _slot_key(variable):

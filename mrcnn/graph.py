@@ -29,8 +29,12 @@ from mrcnn.roi_sampling import DetectionTargetLayer, PositiveSlots, positive_roi
 
 #: The built graph: ``keras_model``; ``detector`` (inference only: detections
 #: and the P2..P5 feature maps); the ``box_head`` and ``mask_head`` objects;
-#: ``stages``: {layer name: ResNet stage 1..5} of the backbone's layers.
-Graph = collections.namedtuple("Graph", ["keras_model", "detector", "box_head", "mask_head", "stages"])
+#: ``stages``: {layer name: ResNet stage 1..5} of the backbone's layers;
+#: ``groups``: {layer name: the part it belongs to ("ResNet stage 3", "FPN",
+#: "RPN head", "box head", "mask head")}; ``class_specific``: the names of
+#: the layers whose shapes depend on NUM_CLASSES (weight loading uses both).
+Graph = collections.namedtuple("Graph", ["keras_model", "detector", "box_head", "mask_head", "stages", "groups",
+                                         "class_specific"])
 
 
 @contextlib.contextmanager
@@ -90,6 +94,33 @@ def backbone_stages(input_image, stage_outputs):
             stages.setdefault(layer.name, k)
         previous = [output]
     return stages
+
+
+def part_layers(part):
+    """The Keras layers a part object owns (its attributes, and lists or tuples of them)."""
+    found = []
+    for value in vars(part).values():
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            for leaf in (item if isinstance(item, (list, tuple)) else [item]):
+                if isinstance(leaf, KL.Layer) and leaf not in found:
+                    found.append(leaf)
+    return found
+
+
+def layer_groups(stages, fpn_layers, parts_by_name):
+    """{layer name: group} of the layers with weights: "ResNet stage k", "FPN",
+    and the named parts' own layers (see ``Graph``)."""
+    groups = {name: f"ResNet stage {k}" for name, k in stages.items()}
+    groups.update({layer.name: "FPN" for layer in fpn_layers if layer.name not in groups})
+    for group, part in parts_by_name.items():
+        groups.update({layer.name: group for layer in part_layers(part) if layer.name not in groups})
+    return groups
+
+
+def class_specific_layers(*heads):
+    """Names of the heads' layers whose shapes depend on NUM_CLASSES (a head
+    lists them in ``class_specific_layers``)."""
+    return sorted({layer.name for head in heads for layer in getattr(head, "class_specific_layers", ())})
 
 
 def build_backbone_part(config):
@@ -174,4 +205,7 @@ def _build(mode, config):
         detector = keras.Model(
             inputs, {"detections": detections, **{f"P{i + 2}": p for i, p in enumerate(mrcnn_feature_maps)}},
             name="mask_rcnn_detector")
-    return Graph(keras.Model(inputs, outputs, name="mask_rcnn"), detector, box_head, mask_head, stages)
+    groups = layer_groups(stages, layers_between(stage_outputs[1:], pyramid),
+                          {"RPN head": rpn, "box head": box_head, "mask head": mask_head})
+    return Graph(keras.Model(inputs, outputs, name="mask_rcnn"), detector, box_head, mask_head, stages, groups,
+                 class_specific_layers(box_head, mask_head))

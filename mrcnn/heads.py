@@ -105,6 +105,11 @@ class BoxHead:
         return cls(config.IMAGE_SHAPE, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
                    fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, roi_align=roi_align)
 
+    @property
+    def class_specific_layers(self):
+        """The layers whose shapes depend on the number of classes."""
+        return [self.logits, self.bbox]
+
     def __call__(self, rois, feature_maps):
         batch = rois.shape[0]
         x = _fold(self.roi_align([rois] + list(feature_maps)))
@@ -149,12 +154,142 @@ class MaskHead:
         return cls(config.IMAGE_SHAPE, config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
                    channels=config.MASK_HEAD_CHANNELS, roi_align=roi_align)
 
+    @property
+    def class_specific_layers(self):
+        """The layers whose shapes depend on the number of classes."""
+        return [self.logits]
+
     def __call__(self, rois, feature_maps):
         batch = rois.shape[0]
         x = _fold(self.roi_align([rois] + list(feature_maps)))
         for conv, bn in self.convs:
             x = ops.relu(bn(conv(x)))
         return _unfold(self.logits(self.deconv(x)), batch)
+
+
+# ---------------------------------------------------------------- torchvision's heads
+# The heads of torchvision's maskrcnn_resnet50_fpn ("torchvision") and
+# maskrcnn_resnet50_fpn_v2 ("torchvision_v2"), layer for layer, so that its
+# weights load (``mrcnn.torchvision_weights``). Initializers are torchvision's.
+
+#: torchvision's BatchNorm epsilon (v2 heads).
+TORCH_BN_EPSILON = 1e-5
+
+
+def _kaiming_fan_out():
+    """torchvision's ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``."""
+    return initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+class TorchvisionRPNHead:
+    """torchvision's ``RPNHead``: ``conv_depth`` 3x3 convolutions + ReLU shared
+    by all levels, one objectness logit per anchor (1x1 conv, A outputs) and
+    4A deltas.
+
+    Returns what the RPN loss and the proposal layers expect: logits
+    [batch, anchors, 2] = (0, objectness), so that their softmax is
+    (1 - sigmoid, sigmoid) and the two-class cross-entropy is torchvision's
+    binary cross-entropy; probabilities; deltas [batch, anchors, (dy, dx,
+    log(dh), log(dw))] (the converter swaps torchvision's x/y order).
+    """
+
+    def __init__(self, anchors_per_location, anchor_stride=1, channels=256, conv_depth=1):
+        self.anchors_per_location = anchors_per_location
+        init = initializers.RandomNormal(stddev=0.01)
+        self.convs = [layers.Conv2D(channels, 3, padding="same", activation="relu",
+                                    strides=anchor_stride if i == 0 else 1, kernel_initializer=init,
+                                    name="rpn_conv_shared" + (str(i + 1) if i else ""))
+                      for i in range(conv_depth)]
+        self.objectness = layers.Conv2D(anchors_per_location, 1, name="rpn_objectness", dtype="float32",
+                                        kernel_initializer=init)
+        self.bbox_pred = layers.Conv2D(4 * anchors_per_location, 1, name="rpn_bbox_pred", dtype="float32",
+                                       kernel_initializer=init)
+
+    @classmethod
+    def for_config(cls, config, conv_depth=1):
+        """RPN_ANCHOR_RATIOS anchors per cell, RPN_CONV_CHANNELS wide (torchvision: 256)."""
+        return cls(len(config.RPN_ANCHOR_RATIOS), config.RPN_ANCHOR_STRIDE, config.RPN_CONV_CHANNELS, conv_depth)
+
+    def __call__(self, feature_map):
+        x = feature_map
+        for conv in self.convs:
+            x = conv(x)
+        batch = feature_map.shape[0]
+        objectness = ops.reshape(self.objectness(x), (batch, -1, 1))
+        logits = ops.concatenate([ops.zeros_like(objectness), objectness], axis=-1)
+        probs = layers.Activation("softmax", dtype="float32")(logits)
+        return logits, probs, ops.reshape(self.bbox_pred(x), (batch, -1, 4))
+
+
+class TorchvisionBoxHead(BoxHead):
+    """torchvision's box head and ``FastRCNNPredictor``.
+
+    "v1" (``TwoMLPHead``): flatten the pooled [7, 7, C] features, fc 1024 +
+    ReLU, fc 1024 + ReLU. "v2" (``FastRCNNConvFCHead``): four 3x3 convs (256,
+    no bias) + BatchNorm + ReLU, flatten, fc 1024 + ReLU. Then class logits
+    and 4 deltas per class. Features are flattened in (y, x, channel) order
+    (PyTorch flattens channel-major: the converter permutes the first fc).
+    """
+
+    def __init__(self, num_classes, roi_align, variant="v1", representation_size=1024, channels=256,
+                 train_bn=False):
+        if variant not in ("v1", "v2"):
+            raise ValueError(f"torchvision box head variant must be 'v1' or 'v2', got {variant!r}")
+        self.num_classes = num_classes
+        self.roi_align = roi_align
+        self.convs = [] if variant == "v1" else [
+            (layers.Conv2D(channels, 3, padding="same", use_bias=False, kernel_initializer=_kaiming_fan_out(),
+                           name=f"mrcnn_box_conv{i}"),
+             BatchNorm(train_bn, epsilon=TORCH_BN_EPSILON, name=f"mrcnn_box_bn{i}")) for i in range(1, 5)]
+        names = ("mrcnn_box_fc6", "mrcnn_box_fc7") if variant == "v1" else ("mrcnn_box_fc6",)
+        # nn.Linear's default initialization: uniform(+-1/sqrt(fan_in)).
+        linear = initializers.VarianceScaling(1. / 3., mode="fan_in", distribution="uniform")
+        self.fcs = [layers.Dense(representation_size, activation="relu", kernel_initializer=linear, name=n)
+                    for n in names]
+        self.logits = layers.Dense(num_classes, name="mrcnn_class_logits", dtype="float32",
+                                   kernel_initializer=linear)
+        self.bbox = layers.Dense(num_classes * 4, name="mrcnn_bbox_fc", dtype="float32", kernel_initializer=linear)
+
+    @classmethod
+    def for_config(cls, config, roi_align, variant="v1"):
+        """NUM_CLASSES, FPN_CLASSIF_FC_LAYERS_SIZE wide (torchvision: 1024), BatchNorm training with TRAIN_BN."""
+        return cls(config.NUM_CLASSES, roi_align, variant, config.FPN_CLASSIF_FC_LAYERS_SIZE,
+                   train_bn=config.TRAIN_BN)
+
+    def __call__(self, rois, feature_maps):
+        batch = rois.shape[0]
+        x = _fold(self.roi_align([rois] + list(feature_maps)))
+        for conv, bn in self.convs:
+            x = ops.relu(bn(conv(x)))
+        x = ops.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3]))
+        for fc in self.fcs:
+            x = fc(x)
+        logits = self.logits(x)
+        return (_unfold(logits, batch), _unfold(ops.softmax(logits, axis=-1), batch),
+                ops.reshape(self.bbox(x), (batch, -1, self.num_classes, 4)))
+
+
+class TorchvisionMaskHead(MaskHead):
+    """torchvision's ``MaskRCNNHeads`` + ``MaskRCNNPredictor``: four 3x3 convs
+    (256) + ReLU, with ``norm`` (v2) without bias and each followed by a
+    BatchNorm; a 2x2/2 transposed conv + ReLU; a 1x1 conv to one mask logit
+    map per class. The layer names are matterport's mask head's."""
+
+    def __init__(self, num_classes, roi_align, channels=256, norm=False, train_bn=False):
+        self.roi_align = roi_align
+        self.convs = [(layers.Conv2D(channels, 3, padding="same", use_bias=not norm,
+                                     kernel_initializer=_kaiming_fan_out(), name=f"mrcnn_mask_conv{i}"),
+                       BatchNorm(train_bn, epsilon=TORCH_BN_EPSILON, name=f"mrcnn_mask_bn{i}") if norm
+                       else layers.Identity(name=f"mrcnn_mask_identity{i}")) for i in range(1, 5)]
+        self.deconv = layers.Conv2DTranspose(channels, 2, strides=2, activation="relu",
+                                             kernel_initializer=_kaiming_fan_out(), name="mrcnn_mask_deconv")
+        self.logits = layers.Conv2D(num_classes, 1, name="mrcnn_mask", dtype="float32",
+                                    kernel_initializer=_kaiming_fan_out())
+
+    @classmethod
+    def for_config(cls, config, roi_align, norm=False):
+        """NUM_CLASSES masks, MASK_HEAD_CHANNELS wide (torchvision: 256), BatchNorm training with TRAIN_BN."""
+        return cls(config.NUM_CLASSES, roi_align, config.MASK_HEAD_CHANNELS, norm, train_bn=config.TRAIN_BN)
 
 
 def fpn_classifier_graph(rois, feature_maps, image_shape, pool_size, num_classes,

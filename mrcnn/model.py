@@ -23,7 +23,7 @@ import os
 
 import tensorflow as tf
 
-from mrcnn import detection, runs
+from mrcnn import detection, pretrained, runs
 from mrcnn.anchors import build_rpn_targets, compute_backbone_shapes, get_anchors as _get_anchors  # noqa: F401
 from mrcnn.backbone import build_backbone, fpn_graph, resnet_graph  # noqa: F401
 from mrcnn.checkpoints import load_into, save_checkpoint
@@ -101,20 +101,47 @@ class MaskRCNN:
         return runs.find_last(self.model_dir, self.config)
 
     # -------------------------------------------------------------- weights
-    def load_weights(self, filepath, by_name=False, exclude=None, resume=False):
+    def load_weights(self, filepath, by_name=False, exclude=None, resume=False, partial=False):
         """Load weights by layer name from one of our checkpoints or a matterport
         (Keras 2) ``.h5``; a Keras 3 ``.weights.h5`` of the same model loads
         directly. Errors name the file.
 
+        filepath: a path, or the name of a pretrained source
+            (``mrcnn.pretrained``: "imagenet" (the config's ResNet depth),
+            "coco" (matterport's), "torchvision", "torchvision-v2"), downloaded
+            and cached on first use. The config must have the architecture
+            the weights need: ``pretrained.config_for(name, config)`` gives it.
+
+        by_name: layers missing from the file keep their weights (matterport's
+            spelling; a file of another architecture is still refused).
+        exclude: layer names or regexes to leave out. The class-specific
+            layers (``Graph.class_specific``) are left out by themselves when
+            the file has another number of classes, and the report says so.
+        partial: load what matches of a file of another architecture (a
+            ResNet-50 file into a ResNet-101 model, say) instead of refusing it.
         resume: continue the run the checkpoint belongs to: the next ``train``
             continues after its epoch, in its folder, with its momentum. By
             default loading weights starts a new run from them (matterport
             resumed on any load; ``coco.py --model last`` resumes).
+        Returns the ``checkpoints.LoadReport`` (loaded, excluded, missing,
+        refused layers), which is also logged.
         """
+        rename = None
+        if not os.path.exists(filepath) and (filepath in pretrained.SOURCES or filepath == "imagenet"):
+            name = filepath
+            needed = pretrained.config_for(name, self.config)
+            wrong = {f: getattr(needed, f) for f in pretrained.ARCHITECTURE_FIELDS if hasattr(needed, f)
+                     and pretrained._differs(getattr(self.config, f), getattr(needed, f))}
+            if wrong:
+                raise ValueError(f"weights {name!r} need {wrong}; build the model with "
+                                 f"config = mrcnn.pretrained.config_for({name!r}, config)")
+            filepath, rename = pretrained.loadable_file(name, self.config)
+            by_name = by_name or pretrained.source_for(name, self.config).scope == "backbone"
         if not os.path.exists(filepath):
             raise FileNotFoundError(f"weights file not found: {filepath}")
-        loaded = load_into(self.keras_model, filepath, by_name=by_name, exclude=exclude)
-        log.info("loaded %d layers from %s", len(loaded), filepath)
+        report = load_into(self.keras_model, filepath, by_name=by_name, exclude=exclude, rename=rename,
+                           class_specific=self.graph.class_specific, groups=self.graph.groups, partial=partial)
+        log.info("%s", report.summary())
         if resume:
             epoch, folder = runs.resume_point(filepath)
             if folder is None:
@@ -125,7 +152,7 @@ class MaskRCNN:
         elif self.mode == "training" and runs.resume_point(filepath)[1] is not None:
             log.info("starting a new run from %s (pass resume=True to continue its run)", filepath)
         self._predict = None
-        return loaded
+        return report
 
     def save_weights(self, filepath):
         """Write the current weights in our checkpoint format (atomically)."""

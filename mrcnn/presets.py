@@ -1,4 +1,5 @@
-"""Ready-made configurations: ``CocoConfig`` (matterport's, GPU-sized) and
+"""Ready-made configurations: ``CocoConfig`` (matterport's, GPU-sized),
+``MatterportCocoConfig`` (the architecture of matterport's COCO weights) and
 ``CpuConfig``.
 
 ``CpuConfig`` is sized to train Mask R-CNN from scratch in minutes on a
@@ -32,6 +33,15 @@ class CocoConfig(Config):
     NAME = "coco"
     IMAGES_PER_GPU = 2
     NUM_CLASSES = 1 + 80
+
+
+class MatterportCocoConfig(CocoConfig):
+    """The architecture of matterport's ``mask_rcnn_coco.h5`` (``load_weights("coco")``):
+    CocoConfig with matterport's RoIAlign sampling and ROI sampling (no ground
+    truth among the proposals), so that its weights behave as they did."""
+
+    ROI_ALIGN = "matterport"
+    TRAIN_ROIS_INCLUDE_GT = False
 
 
 class CpuConfig(Config):

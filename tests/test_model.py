@@ -358,12 +358,21 @@ def test_load_keras2_h5_by_name_with_exclude(tmp_path):
     path = str(tmp_path / "mask_rcnn_coco.h5")
     _write_keras2_h5(path, groups)
 
-    # The 81-class head does not fit: a ValueError naming the layer.
-    with pytest.raises(ValueError, match="mrcnn_class_logits"):
+    # The RPN head is only partly in the file (no rpn_bbox_pred): refused as
+    # another architecture, naming the part, unless partial=True.
+    with pytest.raises(ValueError, match=r"RPN head: 1 of its 3 layers are not in the file \(e\.g\. rpn_bbox_pred"):
         m.load_weights(path, by_name=True)
     keep = weights_by_layer(m.keras_model)
-    loaded = m.load_weights(path, by_name=True, exclude=["mrcnn_class_logits"])
-    assert set(loaded) == {"conv1", "bn_conv1", "rpn_conv_shared", "rpn_class_raw"}
+    # The 81-class logits do not fit this 6-class model: left out by themselves, and said.
+    report = m.load_weights(path, by_name=True, partial=True)
+    assert set(report.loaded) == {"conv1", "bn_conv1", "rpn_conv_shared", "rpn_class_raw"}
+    assert report.excluded == ["mrcnn_class_logits"] and "rpn_bbox_pred" in report.missing
+    assert "excluded: mrcnn_class_logits" in report.summary()
+    # A layer of another shape that is not class-specific: another architecture, refused by name.
+    bad = dict(groups, conv1=[("conv1/kernel:0", conv1[0][:, :, :, :-1]), ("conv1/bias:0", conv1[1][:-1])])
+    _write_keras2_h5(str(tmp_path / "other.h5"), bad)
+    with pytest.raises(ValueError, match=r"not of this model's architecture:\n  conv1: "):
+        m.load_weights(str(tmp_path / "other.h5"), by_name=True, partial=False)
     now = weights_by_layer(m.keras_model)
     for name, arrays in [("conv1", conv1), ("bn_conv1", bn), ("rpn_conv_shared", rpn_shared),
                          ("rpn_class_raw", rpn_class)]:

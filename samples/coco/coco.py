@@ -51,13 +51,11 @@ log = logging.getLogger("coco")
 
 DEFAULT_LOGS_DIR = os.path.join(ROOT_DIR, "logs")
 DEFAULT_BUILTIN_DIR = os.path.join(ROOT_DIR, "data", "builtin-coco")
-COCO_MODEL_PATH = os.path.join(ROOT_DIR, "mask_rcnn_coco.h5")
-IMAGENET_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+#: Pretrained weights --model takes by name (mrcnn.pretrained).
+PRETRAINED = ("imagenet", "coco", "torchvision", "torchvision-v2")
 
 EDGE_PRESETS = {"none": [], "sobel": ["sobel"], "laplace": ["laplace"], "sobel+laplace": ["sobel", "laplace"]}
 SMOOTHING = {"none": (False, False), "gt": (True, False), "pred": (False, True), "both": (True, True)}
-# Class-specific layers, excluded when loading weights trained on other classes.
-CLASS_SPECIFIC_LAYERS = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"]
 # Default total steps and most epochs (= checkpoints) of a run.
 DEFAULT_STEPS = {"builtin": 6000, "coco": 160000}
 MAX_EPOCHS = {"builtin": 10, "coco": 160}
@@ -116,8 +114,11 @@ def build_parser():
     parser.add_argument("--builtin-images", type=_positive_int, default=BUILTIN["images"], metavar="N",
                         help="built-in data: N train images and min(100, N/4) val images (default: %(default)s)")
     parser.add_argument("--year", choices=["2014", "2017"], default="2017")
-    parser.add_argument("--model", default=None, metavar="imagenet|coco|last|none|PATH",
-                        help="weights to start from (train default: none; evaluate default: last)")
+    parser.add_argument("--model", "--weights", dest="model", default=None,
+                        metavar="imagenet|coco|torchvision|torchvision-v2|last|none|PATH",
+                        help="weights to start from: pretrained weights by name (downloaded once into the Keras "
+                             "cache; the config gets the architecture they need), the last checkpoint (resumes "
+                             "it), none, or a file (train default: none; evaluate default: last)")
     parser.add_argument("--logs", default=DEFAULT_LOGS_DIR, metavar="DIR",
                         help="logs and checkpoints directory (default: %(default)s)")
     parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
@@ -214,31 +215,23 @@ def describe_dataset(args, root):
 # ---------------------------------------------------------------------------
 
 def resolve_weights(model, choice):
-    """(path, exclude) for --model; None path for "none"."""
+    """What ``--model`` loads: a path, a pretrained source's name
+    (``mrcnn.pretrained``, downloaded and cached on first use), or None."""
     if choice in (None, "none"):
-        return None, None
+        return None
     if choice == "last":
-        return model.find_last(), None
-    if choice == "coco":
-        if not os.path.exists(COCO_MODEL_PATH):
-            raise FileNotFoundError(
-                f"COCO weights not found at {COCO_MODEL_PATH}; nothing is downloaded at run time: put "
-                "matterport's mask_rcnn_coco.h5 there or pass --model PATH")
-        exclude = CLASS_SPECIFIC_LAYERS if model.config.NUM_CLASSES != 81 else None
-        return COCO_MODEL_PATH, exclude
-    if choice == "imagenet":
-        path = os.path.join(os.path.expanduser("~"), ".keras", "models", IMAGENET_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"ImageNet ResNet-50 weights not found at {path}; nothing is downloaded at run time: "
-                f"copy the Keras 2 '{IMAGENET_FILE}' file there or pass --model PATH")
-        if model.config.BACKBONE != "resnet50":
-            log.warning("ImageNet weights are ResNet-50's but BACKBONE is %s: the layers ResNet-50 "
-                        "lacks keep their random initialization", model.config.BACKBONE)
-        return path, None
+        return model.find_last()
+    if choice in PRETRAINED:
+        return choice
     if not os.path.exists(choice):
-        raise FileNotFoundError(f"--model {choice}: no such file")
-    return choice, None
+        raise FileNotFoundError(f"--model {choice}: no such file (and not one of {', '.join(PRETRAINED)})")
+    return choice
+
+
+def weights_config(config, choice):
+    """The config with the architecture the pretrained weights ``choice`` need."""
+    from mrcnn import pretrained
+    return pretrained.config_for(choice, config) if choice in PRETRAINED else config
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +253,7 @@ def train(args):
     mode = args.training_mode or ("single" if args.model in (None, "none") else "full")
     from_scratch = args.model in (None, "none")
     steps_per_epoch, plan = epoch_plan(mode, total, MAX_EPOCHS[kind], from_scratch=from_scratch)
-    config = make_config(args, num_classes=train_set.num_classes)
+    config = weights_config(make_config(args, num_classes=train_set.num_classes), args.model)
     config = config.derive(STEPS_PER_EPOCH=steps_per_epoch, VALIDATION_STEPS=min(config.VALIDATION_STEPS, 5),
                            **stage_overrides(mode))
     log.info("config: %s (%s, %dx%d images, batch %d, %d classes); edge loss: %s", type(config).__name__,
@@ -269,10 +262,11 @@ def train(args):
     config.display()
     keras.utils.set_random_seed(args.seed)  # before building: fixes the initial weights
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=args.logs)
-    path, exclude = resolve_weights(model, args.model)
+    path = resolve_weights(model, args.model)
     if path:
         log.info("loading weights %s", path)
-        model.load_weights(path, by_name=True, exclude=exclude, resume=args.model == "last")
+        # The class-specific layers are left out by themselves when the classes differ.
+        model.load_weights(path, by_name=True, resume=args.model == "last")
     if from_scratch and mode != "single":
         log.info("no pre-trained weights (--model none): all layers train in every stage")
     log.info("training mode %s: %d steps = %d epochs x %d steps; stages (layers, last epoch, lr factor): %s",
@@ -293,17 +287,19 @@ def evaluate(args):
     subset = "minival" if args.dataset is not None and args.year == "2014" else "val"
     dataset, coco = load_coco_subset(root, subset, args.year,
                                 limit=limit, return_coco=True)
-    config = make_config(args, num_classes=dataset.num_classes, inference=True)
+    config = weights_config(make_config(args, num_classes=dataset.num_classes, inference=True), args.model)
     log.info("detections: %s mode, score >= %g, NMS %g, at most %d per image", config.DETECTION_MODE,
              config.DETECTION_MIN_CONFIDENCE, config.DETECTION_NMS_THRESHOLD, config.DETECTION_MAX_INSTANCES)
     model = modellib.MaskRCNN(mode="inference", config=config, model_dir=args.logs)
-    path, exclude = resolve_weights(model, args.model or "last")
+    path = resolve_weights(model, args.model or "last")
     if path is None:
         log.warning("evaluating a model with random weights (--model none)")
     else:
-        model.load_weights(path, by_name=True, exclude=exclude)
+        report = model.load_weights(path, by_name=True)
+        path = report.path                      # the file a pretrained name resolved to
     image_ids = list(dataset.image_ids)
-    out_dir = os.path.dirname(path) if path else model.log_dir
+    # Next to the checkpoint; pretrained weights (in the Keras cache) and random ones in a new --logs folder.
+    out_dir = os.path.dirname(path) if path and args.model not in PRETRAINED else model.log_dir
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "eval_" + (os.path.splitext(os.path.basename(path))[0]
                                              .replace(".weights", "") if path else "random"))
