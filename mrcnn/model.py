@@ -45,6 +45,26 @@ log = logging.getLogger(__name__)
 CHECKPOINT_RE = runs.CHECKPOINT_RE
 
 
+def _loadable_file(name, config, cache_dir=None, progress=True):
+    """(path, rename) to load the weights ``name`` into a model of ``config``:
+    the fetched file, with keras.applications' layer names mapped to ours for
+    ImageNet files; for torchvision's a converted copy next to it
+    (``<file>.mrcnn.weights.h5``, made once: torch is needed only then)."""
+    source = pretrained.source_for(name, config)
+    path = pretrained.fetch(source, cache_dir=cache_dir, progress=progress)
+    if source.format == "keras-applications-h5":
+        from mrcnn.backbone import keras_applications_names
+        return path, keras_applications_names(pretrained._depth(config))
+    if source.format == "torchvision-state-dict":
+        converted = path + ".mrcnn.weights.h5"
+        if not os.path.exists(converted):
+            from mrcnn.torchvision_weights import convert_file
+            log.info("converting %s to %s (once)", path, converted)
+            convert_file(path, converted, "v2" if source.name.endswith("v2") else "v1")
+        return converted, None
+    return path, None
+
+
 class MaskRCNN:
     """Mask R-CNN model.
 
@@ -135,7 +155,7 @@ class MaskRCNN:
             if wrong:
                 raise ValueError(f"weights {name!r} need {wrong}; build the model with "
                                  f"config = mrcnn.pretrained.config_for({name!r}, config)")
-            filepath, rename = pretrained.loadable_file(name, self.config)
+            filepath, rename = _loadable_file(name, self.config)
             by_name = by_name or pretrained.source_for(name, self.config).scope == "backbone"
         if not os.path.exists(filepath):
             raise FileNotFoundError(f"weights file not found: {filepath}")

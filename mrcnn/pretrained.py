@@ -436,24 +436,3 @@ def _differs(a, b):
         return not bool((a == b) if not hasattr(a, "__len__") else list(a) == list(b))
     except TypeError:
         return True
-
-
-def loadable_file(name, config, cache_dir=None, progress=True):
-    """(path, rename) to load the weights ``name`` into a model of ``config``:
-    the fetched file, with keras.applications' layer names mapped to ours for
-    ImageNet files; for torchvision's a converted copy next to it
-    (``<file>.mrcnn.weights.h5``, made once: torch is needed only then)."""
-    source = source_for(name, config)
-    path = fetch(source, cache_dir=cache_dir, progress=progress)
-    if source.format == "keras-applications-h5":
-        from mrcnn.backbone import keras_applications_names
-        return path, keras_applications_names(_depth(config))
-    if source.format == "torchvision-state-dict":
-        converted = path + ".mrcnn.weights.h5"
-        if not os.path.exists(converted):
-            from mrcnn.torchvision_weights import convert_file
-            log.info("converting %s to %s (once)", path, converted)
-            convert_file(path, converted, "v2" if source.name.endswith("v2") else "v1")
-        return converted, None
-    return path, None
-

@@ -36,7 +36,7 @@ import numpy as np
 import skimage.draw
 from scipy import ndimage
 
-from mrcnn import utils
+from mrcnn.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def generate_image(seed, index, height=128, width=128, min_instances=2, max_inst
 _GENERATE_OPTIONS = ("min_instances", "max_instances", "min_area", "size_range")
 
 
-class SyntheticShapesDataset(utils.Dataset):
+class SyntheticShapesDataset(Dataset):
     """The synthetic shapes as a `utils.Dataset` (source "shapes").
 
     Images are generated on the fly from (seed, split, index); a small LRU
