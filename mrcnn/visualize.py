@@ -1,6 +1,6 @@
 """Drawing: instances on images, edge maps of the Edge Agreement Head, loss curves.
 
-matterport-compatible (`random_colors`, `apply_mask`, `display_instances`,
+matterport-compatible (`random_colors`, `apply_mask`, `color_splash`, `display_instances`,
 `display_differences`, `display_images`, `draw_boxes`) plus `display_edge_maps` (paper Figures 1-3) and
 `plot_loss_curves` (paper Figure 4).
 
@@ -85,6 +85,28 @@ def apply_mask(image, mask, color, alpha=0.5):
         channel = image[:, :, c]
         channel[on] = (channel[on] * (1 - alpha) + alpha * color[c] * 255).astype(image.dtype)
     return image
+
+
+def color_splash(image, masks):
+    """matterport's colour splash (the balloon sample): the image in grayscale,
+    the pixels of the instances in their original colour.
+
+    image: [H, W, 3] RGB (0..255; grayscale [H, W] is taken as is).
+    masks: [H, W, N] instance masks (or one [H, W] mask); N may be 0.
+    Returns a new uint8 [H, W, 3] image. The gray value is that of
+    ``skimage.color.rgb2gray`` (0.2125 R + 0.7154 G + 0.0721 B), rounded.
+    """
+    from skimage.color import gray2rgb, rgb2gray
+    image = np.asarray(image)
+    image = gray2rgb(image) if image.ndim == 2 else image[..., :3]
+    image = image.astype(np.uint8) if image.dtype != np.uint8 else image
+    gray = np.round(rgb2gray(image) * 255).astype(np.uint8)[..., None]
+    masks = np.asarray(masks)
+    masks = masks[..., None] if masks.ndim == 2 else masks
+    if masks.shape[:2] != image.shape[:2]:
+        raise ValueError(f"color_splash: masks {masks.shape} do not match the image {image.shape}")
+    inside = np.any(masks, axis=-1, keepdims=True)
+    return np.where(inside, image, gray)
 
 
 def display_instances(image, boxes, masks, class_ids, class_names, scores=None, title="",

@@ -8,6 +8,8 @@
     python samples/coco/coco.py train --dataset /data/coco --year 2017 --model imagenet \\
         --edge-loss sobel --training-mode full --steps 160000
     python samples/coco/coco.py evaluate --dataset /data/coco --model last --limit 500
+    # Images without annotations: an overlay PNG each, detections.json + images.json
+    python samples/coco/coco.py detect --dataset /data/coco --model coco --images photos/ --out detected/
 
     # Your own COCO-format folder: the classes come from its annotation files.
     python samples/coco/coco.py train --dataset /data/mine --image-size 512 --backbone resnet50 --steps 20000
@@ -105,7 +107,7 @@ def _positive_int(value):
 def build_parser():
     parser = argparse.ArgumentParser(description="Train or evaluate Mask R-CNN (with the Edge "
                                      "Agreement Head) on COCO or the built-in synthetic COCO data.")
-    parser.add_argument("command", choices=["train", "evaluate"])
+    parser.add_argument("command", choices=["train", "evaluate", "detect"])
     parser.add_argument("--dataset", metavar="DIR", default=None,
                         help="COCO root (annotations/instances_<subset><year>.json and image folders); "
                              "default: the built-in synthetic data")
@@ -160,6 +162,11 @@ def build_parser():
     parser.add_argument("--figures", type=int, default=4, metavar="N",
                         help="evaluate: save PNGs of the detections on the first N images")
     parser.add_argument("--no-augment", action="store_true", help="disable random horizontal flips")
+    parser.add_argument("--images", metavar="DIR", default=None,
+                        help="detect: a folder of images (or one image) without annotations")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="detect: an overlay PNG per image, detections.json (COCO results) and "
+                             "images.json (their ids) go here")
     return parser
 
 
@@ -339,10 +346,27 @@ def evaluate(args):
     return coco_metrics
 
 
+def detect(args):
+    """``detect --images DIR --out DIR``: the classes are those of the dataset's val split."""
+    from mrcnn import folders, model as modellib
+    if not args.images or not args.out:
+        raise SystemExit("detect needs --images DIR and --out DIR")
+    dataset = load_coco_subset(dataset_root(args), "val", args.year, limit=1)
+    config = weights_config(make_config(args, num_classes=dataset.num_classes, inference=True), args.model)
+    model = modellib.MaskRCNN(mode="inference", config=config, model_dir=args.logs)
+    path = resolve_weights(model, args.model or "last")
+    if path is None:
+        log.warning("detecting with random weights (--model none)")
+    else:
+        model.load_weights(path, by_name=True)
+    return folders.detect_folder(model, args.images, args.out, dataset.class_names,
+                                 folders.category_ids_of(dataset), min_score=FIGURE_MIN_SCORE)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return train(args) if args.command == "train" else evaluate(args)
+    return {"train": train, "evaluate": evaluate, "detect": detect}[args.command](args)
 
 
 if __name__ == "__main__":
