@@ -14,8 +14,12 @@ log = logging.getLogger(__name__)
 
 #: (layers, relative length, learning-rate factor) of the paper's stages.
 SCHEDULE = [("heads", 1, 1.0), ("4+", 2, 1.0), ("all", 1, 0.1)]
-#: Training mode -> the stages of SCHEDULE it runs; "single": all layers in one stage.
-TRAINING_MODES = {"single": None, "full": (0, 1, 2), "base": (0, 1), "fine": (2,)}
+#: Training mode -> its stages. "single": all layers in one stage; "full":
+#: the paper's schedule, "base" its first two stages, "fine" its last;
+#: "two-stage": matterport's fine-tuning recipe (shapes, balloon): the heads,
+#: then all layers at a tenth of the rate, half the steps each.
+TRAINING_MODES = {"single": [("all", 1, 1.0)], "full": SCHEDULE, "base": SCHEDULE[:2], "fine": SCHEDULE[2:],
+                  "two-stage": [("heads", 1, 1.0), ("all", 1, 0.1)]}
 
 
 #: Shortest epoch ``epoch_plan`` makes when it can: every epoch validates and
@@ -39,7 +43,7 @@ def epoch_plan(mode, total_steps, max_epochs, from_scratch=False, min_steps_per_
     """
     if mode not in TRAINING_MODES:
         raise ValueError(f"unknown training mode {mode!r}; valid: {', '.join(TRAINING_MODES)}")
-    stages = [("all", 1, 1.0)] if TRAINING_MODES[mode] is None else [SCHEDULE[i] for i in TRAINING_MODES[mode]]
+    stages = list(TRAINING_MODES[mode])
     divisors = [d for d in range(1, min(total_steps, max_epochs) + 1) if total_steps % d == 0]
     long_enough = [d for d in divisors if total_steps // d >= min_steps_per_epoch] or [1]
     enough = [d for d in divisors if d >= len(stages)]
@@ -64,7 +68,7 @@ def epoch_plan(mode, total_steps, max_epochs, from_scratch=False, min_steps_per_
 def stage_overrides(mode):
     """Config fields a training mode needs: multi-stage modes run each stage at
     its own constant rate (``LEARNING_RATE_SCHEDULE = "constant"``; warm-up is kept)."""
-    return {} if TRAINING_MODES[mode] is None else {"LEARNING_RATE_SCHEDULE": "constant"}
+    return {} if mode == "single" else {"LEARNING_RATE_SCHEDULE": "constant"}
 
 
 def train_stages(model, plan, train_dataset, val_dataset, learning_rate, **train_kwargs):

@@ -98,6 +98,7 @@ def test_color_splash_keeps_colour_inside_the_masks_only():
 
 
 def test_argparse_and_training_plans():
+    from mrcnn.stages import epoch_plan
     parser = custom.build_parser()
     for bad in (["train", "--format", "cvat"], ["train", "--preset", "tpu"], ["train", "--image-size", "100"],
                 ["train", "--training-mode", "quick"], ["detect", "--images", "x"], ["splash", "--steps", "2"]):
@@ -105,9 +106,9 @@ def test_argparse_and_training_plans():
             parser.parse_args(bad)
     assert parser.parse_args(["splash", "--model", "coco"]).weights == "coco"      # coco.py's spelling
     # From pretrained weights: the heads for half the epochs, then all layers at LR / 10.
-    assert custom.training_plan("two-stage", 3000, from_scratch=False) == (100, [("heads", 15, 1.0), ("all", 30, 0.1)])
-    assert custom.training_plan("two-stage", 4, from_scratch=False) == (2, [("heads", 1, 1.0), ("all", 2, 0.1)])
-    assert custom.training_plan("single", 3000, from_scratch=True) == (100, [("all", 30, 1.0)])
+    assert epoch_plan("two-stage", 3000, custom.MAX_EPOCHS) == (100, [("heads", 15, 1.0), ("all", 30, 0.1)])
+    assert epoch_plan("two-stage", 4, custom.MAX_EPOCHS) == (2, [("heads", 1, 1.0), ("all", 2, 0.1)])
+    assert epoch_plan("single", 3000, custom.MAX_EPOCHS, from_scratch=True) == (100, [("all", 30, 1.0)])
 
 
 def test_via_data_is_converted_once_and_trained_on(via_run):

@@ -65,7 +65,7 @@ PRETRAINED = ("imagenet", "coco", "torchvision", "torchvision-v2")
 CACHE_NAME = ".mrcnn-coco"
 DEFAULT_STEPS = 3000        # balloon: 30 epochs x 100 steps
 MAX_EPOCHS = 30             # at most this many epochs (= checkpoints)
-TWO_STAGE = "two-stage"
+TWO_STAGE = "two-stage"            # mrcnn.stages' fine-tuning recipe
 # Config fields a checkpoint's stored config gives the model built to load it.
 STORED_FIELDS = ("NUM_CLASSES", "CLASS_NAMES", "CATEGORY_IDS", "IMAGE_MIN_DIM", "IMAGE_MAX_DIM", "TRAIN_BN")
 
@@ -124,7 +124,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", parents=[common], help="convert the annotations (once) and train")
     p.add_argument("--steps", type=_positive_int, help=f"total training steps (default: {DEFAULT_STEPS})")
-    p.add_argument("--training-mode", choices=[TWO_STAGE] + sorted(TRAINING_MODES),
+    p.add_argument("--training-mode", choices=sorted(TRAINING_MODES),
                    help="two-stage (default from pretrained weights: heads, then all layers at LR/10), "
                         "single (default from none: all layers), or the paper's full/base/fine")
     p.add_argument("--learning-rate", type=float, help="default: the preset's from none, "
@@ -285,21 +285,6 @@ def make_config(args, data_fields=None, weights=None, inference=False, detection
     return config
 
 
-def training_plan(mode, total, from_scratch):
-    """(steps_per_epoch, [(layers, end_epoch, lr_factor), ...]) for ``train_stages``.
-    two-stage (matterport's shapes and balloon recipe): the heads for half the
-    epochs, then all layers at a tenth of the rate; ``epoch_plan`` ("base",
-    two stages) picks the epochs."""
-    if mode != TWO_STAGE:
-        return epoch_plan(mode, total, MAX_EPOCHS, from_scratch=from_scratch)
-    steps_per_epoch, plan = epoch_plan("base", total, MAX_EPOCHS, from_scratch=from_scratch)
-    epochs = plan[-1][1]
-    first = "all" if from_scratch else "heads"
-    if epochs < 2:
-        return steps_per_epoch, [(first, 1, 1.0)]
-    return steps_per_epoch, [(first, epochs // 2, 1.0), ("all", epochs, 0.1)]
-
-
 def inference_model(args, detection, dataset=None):
     """(inference MaskRCNN with the weights loaded, weights path or name)."""
     from mrcnn import model as modellib
@@ -331,12 +316,12 @@ def train(args):
     from_scratch = args.weights == "none"
     mode = args.training_mode or ("single" if from_scratch else TWO_STAGE)
     total = args.steps or DEFAULT_STEPS
-    steps_per_epoch, plan = training_plan(mode, total, from_scratch)
+    steps_per_epoch, plan = epoch_plan(mode, total, MAX_EPOCHS, from_scratch=from_scratch)
     path = resolve_weights(args)
     config = make_config(args, class_fields(train_set), path)
     batches = -(-len(val_set.image_ids) // config.BATCH_SIZE)
     config = config.derive(STEPS_PER_EPOCH=steps_per_epoch, VALIDATION_STEPS=max(1, min(5, batches)),
-                           **stage_overrides(mode if mode in TRAINING_MODES else "base"))
+                           **stage_overrides(mode))
     log.info("config: %s (%s, %dx%d images, batch %d, lr %g); classes: %s", type(config).__name__,
              config.BACKBONE, config.IMAGE_SHAPE[0], config.IMAGE_SHAPE[1], config.BATCH_SIZE,
              config.LEARNING_RATE, ", ".join(train_set.class_names[1:]))
