@@ -61,9 +61,13 @@ class Callbacks:
         self.optimizer.learning_rate = self._rate
 
     def rate_change(self):
-        """How much callbacks scaled the optimizer's rate since ``optimizer_rate``."""
+        """How much callbacks scaled the optimizer's rate since ``optimizer_rate``
+        (1.0 when they left it alone: the variable holds the rate in float32)."""
         now = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-        return now / self._rate if self._rate else 1.
+        shown = float(np.float32(self._rate)) if self._rate else 0.
+        if not shown or abs(now - shown) <= 1e-6 * abs(shown):
+            return 1.
+        return now / shown
 
 
 class PeriodicEvaluation:

@@ -123,3 +123,13 @@ def test_float16_loss_scale_has_a_floor_and_is_checkpointed(tmp_path):
     assert float(fresh.loss_scale.numpy()) == 2. ** 15
     fresh.restore(path)
     assert float(fresh.loss_scale.numpy()) == 1024. and fresh._good_steps == 7
+
+
+def test_without_rate_callbacks_the_rate_factor_stays_exactly_one(tmp_path):
+    """No callback changed the rate: the factor stays 1 (the float32 rate the
+    optimizer holds is not a change), so the checkpoint is written once per epoch."""
+    m = modellib.MaskRCNN("training", C().derive(VALIDATION_STEPS=0), str(tmp_path))
+    m.train(make_dataset(4, seed=1), None, 0.0123456789, epochs=2, layers="heads", seed=0, workers=0,
+            custom_callbacks=[Recorder()])
+    from mrcnn.checkpoints import read_extra
+    assert read_extra(m.checkpoint_path_for(2))["trainer"]["lr_factor"] == 1.

@@ -319,6 +319,8 @@ def test_cli_plans_the_paper_stages_and_shards(runner):
     assert settings["stages"] == [["all", 2, 1.0], ["all", 6, 1.0], ["all", 8, 0.1]]
     assert runner.make_config(settings, "sobel").LEARNING_RATE_SCHEDULE == "constant"
     assert runner.make_config(settings, "sobel", inference=True).DETECTION_MODE == "coco"
+    # Every checkpoint is kept (8 epochs > CHECKPOINTS_TO_KEEP): the edge maps read epochs 1 and 4.
+    assert runner.make_config(settings, "sobel").CHECKPOINTS_TO_KEEP is None
     assert runner.build_parser().parse_args(["run", "--steps", "5", "--out", "x", "--shard", "1/3"]).shard == (1, 3)
     with pytest.raises(SystemExit):
         runner.build_parser().parse_args(["run", "--steps", "5", "--out", "x", "--shard", "3/3"])

@@ -196,7 +196,8 @@ def make_config(settings, arm, inference=False, **extra):
     the arm's EDGE_LOSS_* fields (+ ``extra``)."""
     base = CONFIGS[settings["config"]]
     attrs = dict(settings["overrides"])
-    attrs.update(STEPS_PER_EPOCH=settings["steps_per_epoch"], VALIDATION_STEPS=0)
+    # Every checkpoint is kept: the report draws edge maps from early epochs.
+    attrs.update(STEPS_PER_EPOCH=settings["steps_per_epoch"], VALIDATION_STEPS=0, CHECKPOINTS_TO_KEEP=None)
     attrs.update(stage_overrides(settings["training_mode"]))
     attrs.update(S.arm_overrides(arm))
     if inference:
