@@ -66,7 +66,32 @@ def generate_anchors(scales, ratios, shape, feature_stride, anchor_stride):
                            box_centers + 0.5 * box_sizes], axis=1)
 
 
-def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, anchor_stride):
+def rounded_anchors(scale, ratios, shape, feature_stride, anchor_stride):
+    """torchvision's ``AnchorGenerator`` for one feature map: the zero-centred
+    base anchors rounded to whole pixels (``torch.round`` of -w/2, -h/2, w/2,
+    h/2, computed in float32 as torchvision does; half to even), shifted by
+    ``cell * stride``; ``feature_stride`` is (stride_y, stride_x).
+
+    ratios: width/height (torchvision's aspect ratios are height/width: its
+    (0.5, 1, 2) are our [2, 1, 0.5], in the same order). Returns [N, (y1, x1,
+    y2, x2)] float64 pixel anchors in ``generate_anchors``' order.
+    """
+    aspect = (np.float32(1.) / np.asarray(ratios, np.float32)).astype(np.float32)    # height / width
+    h_ratios = np.sqrt(aspect).astype(np.float32)
+    w_ratios = (np.float32(1.) / h_ratios).astype(np.float32)
+    scale = np.float32(scale)
+    ws, hs = w_ratios * scale, h_ratios * scale
+    half = np.round(np.stack([-hs, -ws, hs, ws], axis=1) / np.float32(2.)).astype(np.float64)   # [A, 4]
+    sy, sx = feature_stride
+    shifts_y = np.arange(0, shape[0], anchor_stride) * sy
+    shifts_x = np.arange(0, shape[1], anchor_stride) * sx
+    shifts_x, shifts_y = np.meshgrid(shifts_x, shifts_y)
+    shifts = np.stack([shifts_y, shifts_x, shifts_y, shifts_x], axis=-1).reshape(-1, 1, 4)
+    return (shifts + half[None]).reshape(-1, 4)
+
+
+def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, anchor_stride, rounding=False,
+                             image_shape=None):
     """Anchors of all pyramid levels.
 
     scales: one anchor size per level (e.g. (32, 64, 128, 256, 512)).
@@ -75,12 +100,24 @@ def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, an
     feature_strides: one stride (pixels) per level.
     anchor_stride: stride of anchors on the feature maps.
 
+    rounding: torchvision's anchors (``rounded_anchors``): base anchors
+        rounded to whole pixels, and the stride of each level taken as
+        ``image_shape // feature_shape`` per axis, as torchvision's
+        ``AnchorGenerator`` does (P6 of an 800-pixel side: 800 // 13 = 61).
+
     Returns: [N, (y1, x1, y2, x2)] float64 pixel anchors, levels concatenated
     in order (so anchors of the first scale come first).
     """
     if not (len(scales) == len(feature_shapes) == len(feature_strides)):
         raise ValueError(f"generate_pyramid_anchors: {len(scales)} scales, {len(feature_shapes)} feature shapes "
                          f"and {len(feature_strides)} strides must have the same length")
+    if rounding:
+        if image_shape is None:
+            raise ValueError("generate_pyramid_anchors: rounding=True needs image_shape")
+        return np.concatenate([
+            rounded_anchors(scales[i], ratios, feature_shapes[i],
+                            (image_shape[0] // feature_shapes[i][0], image_shape[1] // feature_shapes[i][1]),
+                            anchor_stride) for i in range(len(scales))], axis=0)
     anchors = [generate_anchors(scales[i], ratios, feature_shapes[i], feature_strides[i], anchor_stride)
                for i in range(len(scales))]
     return np.concatenate(anchors, axis=0)
@@ -91,18 +128,29 @@ def anchor_spec(config, image_shape=None):
     default ``config.IMAGE_SHAPE``), as a plain dict of lists: layers store
     this instead of the anchors themselves (``anchors_from_spec``)."""
     shape = config.IMAGE_SHAPE if image_shape is None else image_shape
-    return {"scales": [float(s) for s in config.RPN_ANCHOR_SCALES],
+    spec = {"scales": [float(s) for s in config.RPN_ANCHOR_SCALES],
             "ratios": [float(r) for r in config.RPN_ANCHOR_RATIOS],
             "strides": [int(s) for s in config.BACKBONE_STRIDES],
             "anchor_stride": int(config.RPN_ANCHOR_STRIDE),
             "image_shape": [int(s) for s in shape[:2]]}
+    if getattr(config, "RPN_ANCHOR_ROUNDING", False):
+        spec["rounding"] = True     # only when set: older specs stay as they were
+    return spec
 
 
 def anchors_from_spec(spec, normalized=True):
     """Anchors [num_anchors, (y1, x1, y2, x2)] float32 of an ``anchor_spec``
     (normalized or pixels; cached, read-only)."""
     return _anchors(tuple(spec["scales"]), tuple(spec["ratios"]), tuple(spec["strides"]),
-                    int(spec["anchor_stride"]), tuple(int(s) for s in spec["image_shape"][:2]), bool(normalized))
+                    int(spec["anchor_stride"]), tuple(int(s) for s in spec["image_shape"][:2]), bool(normalized),
+                    bool(spec.get("rounding", False)))
+
+
+def level_sizes(spec):
+    """Anchors per pyramid level [levels] of an ``anchor_spec`` (the levels' blocks in the anchor order)."""
+    per_cell = len(spec["ratios"])
+    return [len(range(0, h, int(spec["anchor_stride"]))) * len(range(0, w, int(spec["anchor_stride"]))) * per_cell
+            for h, w in feature_shapes(spec["strides"], spec["image_shape"])]
 
 
 def get_anchors(config, image_shape=None, normalized=True):
@@ -115,8 +163,9 @@ def get_anchors(config, image_shape=None, normalized=True):
 
 
 @functools.lru_cache(maxsize=8)
-def _anchors(scales, ratios, strides, anchor_stride, shape, normalized):
-    anchors = generate_pyramid_anchors(scales, ratios, feature_shapes(strides, shape), strides, anchor_stride)
+def _anchors(scales, ratios, strides, anchor_stride, shape, normalized, rounding=False):
+    anchors = generate_pyramid_anchors(scales, ratios, feature_shapes(strides, shape), strides, anchor_stride,
+                                       rounding=rounding, image_shape=shape)
     if normalized:
         anchors = norm_boxes(anchors, shape)
     anchors = anchors.astype(np.float32)

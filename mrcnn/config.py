@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 # The choices of the fields that take one of a few values (the part fields
 # take the names registered in ``mrcnn.parts``).
 BACKBONES = parts.registry("backbone").names()
-RESIZE_MODES = ("square", "crop")
+RESIZE_MODES = ("square", "crop", "torchvision")
+# How detections are post-processed (DETECTION_POSTPROCESS).
+DETECTION_POSTPROCESSING = ("default", "torchvision")
 DETECTION_MODES = ("matterport", "coco")
 LR_SCHEDULES = ("constant", "step", "cosine")
 MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16")
@@ -91,6 +93,10 @@ class Config:
     # Anchor side lengths in pixels, one per FPN level, and their aspect ratios.
     RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
     RPN_ANCHOR_RATIOS = [0.5, 1, 2]
+    # torchvision's AnchorGenerator: base anchors rounded to whole pixels, and
+    # each level's stride taken as the canvas size // the level's size (the
+    # "torchvision" presets; mrcnn.anchors.rounded_anchors).
+    RPN_ANCHOR_ROUNDING = False
     # Anchor stride on the feature map (1 = an anchor at every feature cell).
     RPN_ANCHOR_STRIDE = 1
     # NMS threshold to filter RPN proposals.
@@ -114,7 +120,14 @@ class Config:
     # "crop": (training only) scale up for IMAGE_MIN_DIM / IMAGE_MIN_SCALE
     # only, then take a random IMAGE_MIN_DIM x IMAGE_MIN_DIM crop; inference
     # uses "square".
+    # "torchvision": torchvision's GeneralizedRCNNTransform: scale = min(
+    # IMAGE_MIN_DIM / short side, IMAGE_MAX_DIM / long side) (up or down),
+    # PyTorch's bilinear resize (align_corners=False) to floor(side * scale),
+    # the image at the top left of the canvas, zero padding after the input
+    # normalization. The canvas is IMAGE_MAX_DIM rounded up to a multiple of 32,
+    # square, or IMAGE_CANVAS = (height, width) (multiples of 32) when set.
     IMAGE_RESIZE_MODE = "square"
+    IMAGE_CANVAS = None
     IMAGE_MIN_DIM = 800
     IMAGE_MAX_DIM = 1024
     IMAGE_MIN_SCALE = 0
@@ -158,6 +171,12 @@ class Config:
     DETECTION_MAX_INSTANCES = 100
     DETECTION_MIN_CONFIDENCE = 0.7
     DETECTION_NMS_THRESHOLD = 0.3
+    # "default", or "torchvision" (its RoIHeads.postprocess_detections and
+    # paste_masks_in_image): boxes decoded without the one-pixel minimum,
+    # clipped to the image window, boxes under 0.01 pixel dropped, scores
+    # strictly above DETECTION_MIN_CONFIDENCE, per-class NMS on pixel boxes;
+    # detect() returns float "boxes" too and pastes masks as torchvision does.
+    DETECTION_POSTPROCESS = "default"
 
     # Checkpoints kept per run folder: the newest N (None or 0: all of them).
     CHECKPOINTS_TO_KEEP = 5
@@ -244,6 +263,9 @@ class Config:
         if self.IMAGE_RESIZE_MODE == "crop":
             self.IMAGE_SHAPE = np.array([self.IMAGE_MIN_DIM, self.IMAGE_MIN_DIM,
                                          self.IMAGE_CHANNEL_COUNT])
+        elif self.IMAGE_RESIZE_MODE == "torchvision":
+            canvas = self.IMAGE_CANVAS or (-(-int(self.IMAGE_MAX_DIM) // 32) * 32,) * 2
+            self.IMAGE_SHAPE = np.array([int(canvas[0]), int(canvas[1]), self.IMAGE_CHANNEL_COUNT])
         else:
             self.IMAGE_SHAPE = np.array([self.IMAGE_MAX_DIM, self.IMAGE_MAX_DIM,
                                          self.IMAGE_CHANNEL_COUNT])
@@ -318,7 +340,18 @@ class Config:
         if self.IMAGE_RESIZE_MODE not in RESIZE_MODES:
             fail("IMAGE_RESIZE_MODE", f"{self.IMAGE_RESIZE_MODE!r} is not supported; choose one of "
                  f"{RESIZE_MODES} (static graph shapes need a fixed image size)")
-        for field in ("IMAGE_MAX_DIM",) + (("IMAGE_MIN_DIM",) if self.IMAGE_RESIZE_MODE == "crop" else ()):
+        if self.DETECTION_POSTPROCESS not in DETECTION_POSTPROCESSING:
+            fail("DETECTION_POSTPROCESS", f"{self.DETECTION_POSTPROCESS!r}; choose one of {DETECTION_POSTPROCESSING}")
+        if self.DETECTION_POSTPROCESS == "torchvision" and self.DETECTION_MODE != "coco":
+            fail("DETECTION_POSTPROCESS", "'torchvision' scores every class of every ROI: it needs DETECTION_MODE='coco'")
+        if self.IMAGE_CANVAS is not None:
+            canvas = tuple(self.IMAGE_CANVAS)
+            if self.IMAGE_RESIZE_MODE != "torchvision":
+                fail("IMAGE_CANVAS", "is used by IMAGE_RESIZE_MODE='torchvision' only; leave it None")
+            if len(canvas) != 2 or any(int(v) != v or v < 32 or v % 32 for v in canvas):
+                fail("IMAGE_CANVAS", f"must be (height, width), positive multiples of 32, got {self.IMAGE_CANVAS!r}")
+        for field in (() if self.IMAGE_RESIZE_MODE == "torchvision" else ("IMAGE_MAX_DIM",)) + (
+                ("IMAGE_MIN_DIM",) if self.IMAGE_RESIZE_MODE == "crop" else ()):
             value = getattr(self, field)
             if value % 64:
                 fail(field, f"{value} is not divisible by 64 (the FPN downsamples 6 times); "
@@ -332,8 +365,12 @@ class Config:
             fail("MASK_SHAPE", f"{list(self.MASK_SHAPE)} must be twice MASK_POOL_SIZE={self.MASK_POOL_SIZE}")
         if not 0 < self.ROI_POSITIVE_RATIO <= 1:
             fail("ROI_POSITIVE_RATIO", f"must be in (0, 1], got {self.ROI_POSITIVE_RATIO}")
-        if self.PRE_NMS_LIMIT < max(self.POST_NMS_ROIS_TRAINING, self.POST_NMS_ROIS_INFERENCE):
-            fail("PRE_NMS_LIMIT", "must be at least POST_NMS_ROIS_TRAINING/INFERENCE")
+        # torchvision's proposal layer keeps PRE_NMS_LIMIT per pyramid level.
+        per_level = self.PROPOSAL_LAYER == "torchvision"
+        if self.PRE_NMS_LIMIT * (len(self.BACKBONE_STRIDES) if per_level else 1) < max(
+                self.POST_NMS_ROIS_TRAINING, self.POST_NMS_ROIS_INFERENCE):
+            fail("PRE_NMS_LIMIT", "must be at least POST_NMS_ROIS_TRAINING/INFERENCE"
+                 + (" (over all pyramid levels)" if per_level else ""))
         if self.TRAIN_ROIS_PER_IMAGE > self.POST_NMS_ROIS_TRAINING:
             fail("TRAIN_ROIS_PER_IMAGE", f"{self.TRAIN_ROIS_PER_IMAGE} exceeds "
                  f"POST_NMS_ROIS_TRAINING={self.POST_NMS_ROIS_TRAINING}")

@@ -59,7 +59,9 @@ def detect(predict, images, config):
     ``data.as_image_list`` for what is accepted), BATCH_SIZE at a time through
     ``predict`` (``predict_function``). Returns one dict per image: rois
     [N, (y1, x1, y2, x2)] int32 original pixels, class_ids [N] int32, scores
-    [N] float32, masks [H, W, N] bool."""
+    [N] float32, masks [H, W, N] bool; with DETECTION_POSTPROCESS "torchvision"
+    also boxes [N, (y1, x1, y2, x2)] float32 original pixels (unrounded), and
+    masks pasted as torchvision pastes them (``paste_masks_torchvision``)."""
     images = as_image_list(images, config)
     results = []
     for start in range(0, len(images), config.BATCH_SIZE):
@@ -72,13 +74,13 @@ def detect(predict, images, config):
         detections, masks = predict(tf.constant(molded), tf.constant(metas))
         detections, masks = detections.numpy(), masks.numpy()
         for i, image in enumerate(chunk):
-            rois, class_ids, scores, full_masks = unmold_detections(
-                detections[i], masks[i], image.shape, molded[i].shape, windows[i])
-            results.append({"rois": rois, "class_ids": class_ids, "scores": scores, "masks": full_masks})
+            out = unmold_detections(detections[i], masks[i], image.shape, molded[i].shape, windows[i],
+                                    postprocess=config.DETECTION_POSTPROCESS)
+            results.append(dict(zip(("rois", "class_ids", "scores", "masks", "boxes"), out)))
     return results
 
 
-def unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape, window):
+def unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape, window, postprocess="default"):
     """Detections of one image in the molded frame -> original-image pixels.
 
     detections: [DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)]
@@ -90,6 +92,8 @@ def unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape,
         the real image inside it.
     Returns (rois [N, 4] int32, class_ids [N] int32, scores [N] float32,
     masks [H, W, N] bool), masks pasted with ``utils.paste_masks``.
+    ``postprocess="torchvision"``: no box is dropped, masks are pasted with
+    ``paste_masks_torchvision``, and the float boxes [N, 4] float32 come fifth.
     """
     detections = np.asarray(detections, np.float64)
     keep = np.where((detections[:, 4] > 0) & np.isfinite(detections).all(axis=1))[0]
@@ -108,6 +112,41 @@ def unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape,
     boxes = (boxes - [wy1, wx1, wy1, wx1]) / scale
     boxes = np.clip(boxes, 0, [oh, ow, oh, ow])
     rois = np.round(boxes).astype(np.int32)
+    if postprocess == "torchvision":
+        full = paste_masks_torchvision(masks, boxes, original_image_shape[:2])
+        return rois, class_ids, scores, full, boxes.astype(np.float32)
     ok = (rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])
     full = utils.paste_masks(masks[ok], boxes[ok], original_image_shape[:2])
     return rois[ok], class_ids[ok], scores[ok], full
+
+
+def paste_masks_torchvision(masks, boxes, image_shape, threshold=0.5):
+    """torchvision's ``paste_masks_in_image`` (then ``> threshold``, as its COCO
+    evaluation): each M x M mask is zero-padded by one cell, its box grown by
+    (M + 2) / M about its centre and truncated to integer pixels (x1, y1, x2,
+    y2 inclusive), the padded mask resized to that box with PyTorch's bilinear
+    interpolation (``utils.torch_bilinear_resize``) and pasted.
+
+    masks: [N, M, M] probabilities; boxes: [N, (y1, x1, y2, x2)] continuous
+    original pixels; image_shape: (height, width). Returns [H, W, N] bool.
+    """
+    height, width = (int(v) for v in image_shape[:2])
+    masks = np.asarray(masks, np.float32)
+    out = np.zeros((height, width, len(masks)), bool)
+    if not len(masks):
+        return out
+    m = masks.shape[-1]
+    padded = np.pad(masks, [(0, 0), (1, 1), (1, 1)])
+    scale = np.float32((m + 2) / m)
+    b = np.asarray(boxes, np.float32)
+    half = (b[:, 2:] - b[:, :2]) * np.float32(0.5) * scale          # (h/2, w/2)
+    center = (b[:, 2:] + b[:, :2]) * np.float32(0.5)
+    grown = np.concatenate([center - half, center + half], axis=1).astype(np.int64)   # truncation, as .to(int64)
+    for i, (y1, x1, y2, x2) in enumerate(grown):
+        h, w = max(int(y2 - y1 + 1), 1), max(int(x2 - x1 + 1), 1)
+        resized = utils.torch_bilinear_resize(padded[i], h, w)
+        y0, y1c = max(y1, 0), min(y2 + 1, height)
+        x0, x1c = max(x1, 0), min(x2 + 1, width)
+        if y1c > y0 and x1c > x0:
+            out[y0:y1c, x0:x1c, i] = resized[y0 - y1:y1c - y1, x0 - x1:x1c - x1] > threshold
+    return out

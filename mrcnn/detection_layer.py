@@ -10,9 +10,9 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from mrcnn.box_ops import clip_boxes_graph, decode_boxes
-from mrcnn.boxes import normalize_boxes
-from mrcnn.config import DETECTION_MODES
+from mrcnn.box_ops import BBOX_DELTA_CLAMP, apply_box_deltas_graph, clip_boxes_graph, decode_boxes
+from mrcnn.boxes import continuous_boxes, normalize_boxes
+from mrcnn.config import DETECTION_MODES, DETECTION_POSTPROCESSING
 from mrcnn.image_meta import parse_image_meta_graph
 from mrcnn.nms import batched_nms
 
@@ -42,10 +42,17 @@ class DetectionLayer(keras.layers.Layer):
     runs per class (boxes of different classes are shifted apart, so one NMS
     call serves all classes); the best ``max_instances`` are kept.
     ``for_config(config)`` builds it from the DETECTION_* fields.
+
+    ``postprocess="torchvision"`` (DETECTION_POSTPROCESS, with mode "coco"):
+    torchvision's ``RoIHeads.postprocess_detections``: boxes decoded on
+    pixels without the one-pixel minimum, clipped to the window, those
+    narrower or shorter than ``min_size`` (0.01 pixel) dropped, scores
+    strictly above ``min_confidence``, per-class NMS on the pixel boxes.
     """
 
     def __init__(self, mode="matterport", max_instances=100, min_confidence=0.7, nms_threshold=0.3,
-                 bbox_std_dev=(0.1, 0.1, 0.2, 0.2), image_shape=(1024, 1024), padded_nms=False, **kwargs):
+                 bbox_std_dev=(0.1, 0.1, 0.2, 0.2), image_shape=(1024, 1024), padded_nms=False,
+                 postprocess="default", min_size=1e-2, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if mode not in DETECTION_MODES:
@@ -57,6 +64,12 @@ class DetectionLayer(keras.layers.Layer):
         self.bbox_std_dev = [float(v) for v in np.asarray(bbox_std_dev).reshape(-1)]
         self.image_shape = [int(v) for v in image_shape[:2]]
         self.padded_nms = bool(padded_nms)
+        if postprocess not in DETECTION_POSTPROCESSING:
+            raise ValueError(f"DETECTION_POSTPROCESS must be one of {DETECTION_POSTPROCESSING}, got {postprocess!r}")
+        if postprocess == "torchvision" and mode != "coco":
+            raise ValueError("DETECTION_POSTPROCESS='torchvision' needs DETECTION_MODE='coco'")
+        self.postprocess = postprocess
+        self.min_size = float(min_size)
 
     @classmethod
     def for_config(cls, config, **kwargs):
@@ -65,9 +78,11 @@ class DetectionLayer(keras.layers.Layer):
         return cls(mode=config.DETECTION_MODE, max_instances=config.DETECTION_MAX_INSTANCES,
                    min_confidence=config.DETECTION_MIN_CONFIDENCE, nms_threshold=config.DETECTION_NMS_THRESHOLD,
                    bbox_std_dev=config.BBOX_STD_DEV, image_shape=config.IMAGE_SHAPE,
-                   padded_nms=config.JIT_COMPILE, **kwargs)
+                   padded_nms=config.JIT_COMPILE, postprocess=config.DETECTION_POSTPROCESS, **kwargs)
 
     def call(self, inputs):
+        if self.postprocess == "torchvision":
+            return self._torchvision(*(tf.cast(x, tf.float32) for x in inputs))
         rois, probs, deltas, image_meta = (tf.cast(x, tf.float32) for x in inputs)
         batch, num_rois, num_classes = probs.shape
         D = self.max_instances
@@ -101,6 +116,39 @@ class DetectionLayer(keras.layers.Layer):
         detections = tf.concat(fields, axis=-1) * tf.cast(valid, tf.float32)[..., None]
         return tf.ensure_shape(detections, [batch, D, 6])
 
+    def _torchvision(self, rois, probs, deltas, image_meta):
+        batch, num_rois, num_classes = probs.shape
+        D = self.max_instances
+        pixels = continuous_boxes(rois, self.image_shape)[:, :, None, :]
+        boxes = apply_box_deltas_graph(pixels, deltas * np.asarray(self.bbox_std_dev, np.float32), BBOX_DELTA_CLAMP)
+        window = tf.cast(parse_image_meta_graph(image_meta)["window"], tf.float32)
+        boxes = clip_boxes_graph(boxes, window[:, None, None, :])[:, :, 1:]     # [B, N, C - 1, 4] pixels
+        big = (boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
+        valid_roi = tf.reduce_any(tf.not_equal(rois, 0.), axis=-1)[..., None]
+        scores = tf.where(big & valid_roi, probs[:, :, 1:], 0.)                 # [B, N, C - 1]
+        if self.padded_nms:
+            # XLA: one padded NMS, classes shifted apart by more than the image.
+            cand_scores = tf.reshape(scores, [batch, -1])
+            cand_class = tf.tile(tf.range(1, num_classes, dtype=tf.int32), [num_rois])[None, :]
+            cand_class = tf.broadcast_to(cand_class, tf.shape(cand_scores))
+            cand_boxes = tf.reshape(boxes, [batch, -1, 4])
+            offset = 2. * float(max(self.image_shape)) * tf.cast(cand_class, tf.float32)[..., None]
+            keep, valid = batched_nms(cand_boxes + offset, cand_scores, D, self.nms_threshold,
+                                      self.min_confidence, padded=True)
+            kept_boxes = tf.gather(cand_boxes, keep, batch_dims=1)
+            kept_class = tf.cast(tf.gather(cand_class, keep, batch_dims=1), tf.float32)
+            kept_scores = tf.gather(cand_scores, keep, batch_dims=1)
+        else:
+            # Per-class NMS (no shifted coordinates), the best D of all classes.
+            kept_boxes, kept_scores, kept_class, count = tf.image.combined_non_max_suppression(
+                boxes, scores, D, D, self.nms_threshold, self.min_confidence, pad_per_class=False,
+                clip_boxes=False)
+            kept_class = kept_class + 1.
+            valid = tf.range(D)[None, :] < count[:, None]
+        fields = [normalize_boxes(kept_boxes, self.image_shape), kept_class[..., None], kept_scores[..., None]]
+        detections = tf.concat(fields, axis=-1) * tf.cast(valid, tf.float32)[..., None]
+        return tf.ensure_shape(detections, [batch, D, 6])
+
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], self.max_instances, 6)
 
@@ -108,4 +156,4 @@ class DetectionLayer(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode, "max_instances": self.max_instances,
                 "min_confidence": self.min_confidence, "nms_threshold": self.nms_threshold,
                 "bbox_std_dev": self.bbox_std_dev, "image_shape": self.image_shape,
-                "padded_nms": self.padded_nms}
+                "padded_nms": self.padded_nms, "postprocess": self.postprocess, "min_size": self.min_size}

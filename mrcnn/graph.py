@@ -152,7 +152,8 @@ def _build(mode, config):
     if num_anchors != rpn_class.shape[1]:
         raise ValueError(f"{num_anchors} anchors but the RPN predicts {rpn_class.shape[1]}: "
                          "check RPN_ANCHOR_SCALES/RATIOS/STRIDE and BACKBONE_STRIDES")
-    rpn_rois = parts.build("proposals", config, mode=mode)([rpn_class, rpn_bbox])
+    # Every proposal part gets the image meta too (the window: torchvision clips to the image).
+    rpn_rois = parts.build("proposals", config, mode=mode)([rpn_class, rpn_bbox, input_image_meta])
 
     compute_dtype = keras.config.dtype_policy().compute_dtype
     box_head = parts.build("box_head", config, roi_align=parts.build(

@@ -173,6 +173,15 @@ register("mask_head", "matterport", "mrcnn.heads:MaskHead")
 register("normalization", "mean_pixel", "mrcnn.molding:MeanPixelNormalization")
 register("normalization", "imagenet", "mrcnn.molding:ImageNetNormalization")
 register("normalization", "caffe", "mrcnn.molding:CaffeNormalization")
+# torchvision's maskrcnn_resnet50_fpn ("torchvision") and _v2 parts (mrcnn.presets.TorchvisionConfig).
+register("rpn_head", "torchvision", "mrcnn.heads:TorchvisionRPNHead", conv_depth=1)
+register("rpn_head", "torchvision_v2", "mrcnn.heads:TorchvisionRPNHead", conv_depth=2)
+register("proposals", "torchvision", "mrcnn.proposals:TorchvisionProposalLayer")
+register("roi_align", "torchvision", "mrcnn.roi_align:PyramidROIAlign", mode="torchvision")
+register("box_head", "torchvision", "mrcnn.heads:TorchvisionBoxHead", variant="v1")
+register("box_head", "torchvision_v2", "mrcnn.heads:TorchvisionBoxHead", variant="v2")
+register("mask_head", "torchvision", "mrcnn.heads:TorchvisionMaskHead", norm=False)
+register("mask_head", "torchvision_v2", "mrcnn.heads:TorchvisionMaskHead", norm=True)
 
 #: The five Mask R-CNN losses (L_MRCNN of the paper), in log order.
 MASK_RCNN_LOSSES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")

@@ -6,14 +6,23 @@ foreground score, decoded with their deltas (``box_ops.decode_boxes``),
 clipped to the image, then NMS at RPN_NMS_THRESHOLD keeps the best
 POST_NMS_ROIS_TRAINING / POST_NMS_ROIS_INFERENCE. Static shapes: the output is
 zero-padded.
+
+``TorchvisionProposalLayer`` (``PROPOSAL_LAYER = "torchvision"``) is
+torchvision's ``RegionProposalNetwork.filter_proposals``: the top
+PRE_NMS_LIMIT anchors of each level, clipped to the image window, tiny boxes
+dropped, NMS per level, the best over all levels.
+
+Proposal layers are called with [rpn_probs, rpn_bbox, image_meta].
 """
 
 import numpy as np
 import tensorflow as tf
 import keras
 
-from mrcnn.anchors import anchor_spec, anchors_from_spec
-from mrcnn.box_ops import decode_boxes
+from mrcnn.anchors import anchor_spec, anchors_from_spec, level_sizes
+from mrcnn.box_ops import BBOX_DELTA_CLAMP, apply_box_deltas_graph, clip_boxes_graph, decode_boxes
+from mrcnn.boxes import normalize_boxes
+from mrcnn.image_meta import parse_image_meta_graph
 from mrcnn.nms import batched_nms
 
 
@@ -24,6 +33,7 @@ class ProposalLayer(keras.layers.Layer):
     Inputs:
         rpn_probs: [batch, num_anchors, (bg prob, fg prob)]
         rpn_bbox: [batch, num_anchors, (dy, dx, log(dh), log(dw))] (std-normalized)
+        image_meta (optional, not used): [batch, meta_size]
     Output:
         proposals: [batch, proposal_count, (y1, x1, y2, x2)] normalized, clipped
         to [0, 1], sorted by score, zero-padded. No gradient flows through them.
@@ -67,7 +77,7 @@ class ProposalLayer(keras.layers.Layer):
         return cls(**{**fields, **kwargs})
 
     def call(self, inputs):
-        rpn_probs, rpn_bbox = (tf.stop_gradient(tf.cast(x, tf.float32)) for x in inputs)
+        rpn_probs, rpn_bbox = (tf.stop_gradient(tf.cast(x, tf.float32)) for x in inputs[:2])
         scores, ix = tf.math.top_k(rpn_probs[:, :, 1], self.pre_nms_limit, sorted=True)
         deltas = tf.gather(rpn_bbox * self.bbox_std_dev, ix, batch_dims=1)
         anchors = tf.gather(tf.constant(self.anchors), ix)
@@ -86,3 +96,57 @@ class ProposalLayer(keras.layers.Layer):
                 "nms_threshold": self.nms_threshold, "anchors": anchors,
                 "bbox_std_dev": self.bbox_std_dev.tolist(), "pre_nms_limit": self.pre_nms_limit,
                 "padded_nms": self.padded_nms, "image_shape": list(self.image_shape)}
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class TorchvisionProposalLayer(ProposalLayer):
+    """torchvision's proposal selection (``RegionProposalNetwork.filter_proposals``).
+
+    Inputs: rpn_probs, rpn_bbox as ``ProposalLayer``, and image_meta
+    [batch, meta_size] (its window: where the image is in the canvas).
+    Per pyramid level, the ``pre_nms_limit`` anchors with the highest
+    objectness are decoded (on pixel boxes, deltas times ``bbox_std_dev``:
+    torchvision's weights (1, 1, 1, 1) are std 1), clipped to the window,
+    boxes narrower or shorter than ``min_size`` (1e-3 pixel) dropped, and NMS
+    at ``nms_threshold`` runs on each level on its own (IoU of the pixel
+    boxes); the ``proposal_count`` best of all levels by score are kept.
+    Output as ``ProposalLayer``: normalized, sorted by score, zero-padded.
+    """
+
+    def __init__(self, *args, min_size=1e-3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.anchor_spec is None:
+            raise ValueError("TorchvisionProposalLayer needs an anchor spec (anchors.anchor_spec), "
+                             "which tells it the anchors of each level")
+        self.min_size = float(min_size)
+        self.pixel_anchors = anchors_from_spec(self.anchor_spec, normalized=False)
+        self.level_sizes = level_sizes(self.anchor_spec)
+
+    def call(self, inputs):
+        rpn_probs, rpn_bbox = (tf.stop_gradient(tf.cast(x, tf.float32)) for x in inputs[:2])
+        window = tf.cast(parse_image_meta_graph(inputs[2])["window"], tf.float32)[:, None, :]   # [B, 1, 4]
+        batch, N = rpn_probs.shape[0], self.proposal_count
+        all_boxes, all_scores, start = [], [], 0
+        for n in self.level_sizes:
+            k = min(self.pre_nms_limit, n)
+            scores, ix = tf.math.top_k(rpn_probs[:, start:start + n, 1], k, sorted=True)
+            deltas = tf.gather(rpn_bbox[:, start:start + n] * self.bbox_std_dev, ix, batch_dims=1)
+            anchors = tf.gather(tf.constant(self.pixel_anchors[start:start + n]), ix)
+            boxes = clip_boxes_graph(apply_box_deltas_graph(anchors, deltas, BBOX_DELTA_CLAMP), window)
+            big = (boxes[..., 2] - boxes[..., 0] >= self.min_size) & (boxes[..., 3] - boxes[..., 1] >= self.min_size)
+            scores = tf.where(big, scores, -1.)
+            keep, valid = batched_nms(boxes, scores, min(N, k), self.nms_threshold, score_threshold=-0.5,
+                                      padded=self.padded_nms)
+            all_boxes.append(tf.gather(boxes, keep, batch_dims=1))
+            all_scores.append(tf.where(valid, tf.gather(scores, keep, batch_dims=1), -1.))
+            start += n
+        boxes, scores = tf.concat(all_boxes, axis=1), tf.concat(all_scores, axis=1)
+        count = min(N, scores.shape[1])
+        best, ix = tf.math.top_k(scores, count, sorted=True)
+        proposals = normalize_boxes(tf.gather(boxes, ix, batch_dims=1), self.image_shape)
+        proposals = proposals * tf.cast(best > -0.5, tf.float32)[..., None]
+        proposals = tf.pad(proposals, [[0, 0], [0, N - count], [0, 0]])
+        return tf.ensure_shape(proposals, [batch, N, 4])
+
+    def get_config(self):
+        return {**super().get_config(), "min_size": self.min_size}

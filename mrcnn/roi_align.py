@@ -24,7 +24,7 @@ import keras
 from mrcnn.boxes import continuous_boxes
 
 #: ``PyramidROIAlign`` sampling modes (registered as ``Config.ROI_ALIGN`` parts).
-ROI_ALIGN_MODES = ("aligned", "matterport")
+ROI_ALIGN_MODES = ("aligned", "matterport", "torchvision")
 
 def _grid(first, last, n):
     """n evenly spaced points from ``first`` [R] to ``last`` [R] -> [R, n] (the middle when n == 1)."""
@@ -79,6 +79,17 @@ def sample_bilinear(images, first_last, box_indices, size, method="crop_and_resi
 
 
 
+def _inside_level(first_last, level_hw, rows, cols):
+    """[R, rows, cols, 1] 1 for the samples torchvision's bilinear sampling
+    reads (index-space coordinates within [-1, size] of their level), else 0.
+    first_last: [R, 4] as ``sample_bilinear`` takes it; level_hw: [R, 2]."""
+    ys = _grid(first_last[:, 0], first_last[:, 2], rows)
+    xs = _grid(first_last[:, 1], first_last[:, 3], cols)
+    in_y = tf.cast((ys >= -1.) & (ys <= level_hw[:, :1]), tf.float32)
+    in_x = tf.cast((xs >= -1.) & (xs <= level_hw[:, 1:]), tf.float32)
+    return (in_y[:, :, None] * in_x[:, None, :])[..., None]
+
+
 def sampling_method(jit_compile):
     """"gather" under XLA (``Config.JIT_COMPILE``), else "crop_and_resize"."""
     return "gather" if jit_compile else "crop_and_resize"
@@ -91,9 +102,15 @@ def roi_level(boxes, image_shape, mode="aligned"):
     pixel area on ``image_shape`` (detectron2's rule).
     "matterport": 4 + round(log2(sqrt(w h) / 224)) with w h = normalized area
     times the image area (matterport's rule).
+    "torchvision": floor(4 + log2(sqrt(w h) / 224) + 1e-6) on the continuous
+    pixel area (torchvision's ``LevelMapper``).
     """
     h_img, w_img = float(image_shape[0]), float(image_shape[1])
-    if mode == "aligned":
+    if mode == "torchvision":
+        px = continuous_boxes(boxes, (h_img, w_img))
+        area = (px[..., 2] - px[..., 0]) * (px[..., 3] - px[..., 1])
+        level = tf.floor(4. + tf.math.log(tf.sqrt(tf.maximum(area, 1e-12)) / 224.) / np.log(2.) + 1e-6)
+    elif mode == "aligned":
         px = continuous_boxes(boxes, (h_img, w_img))
         area = (px[..., 2] - px[..., 0]) * (px[..., 3] - px[..., 1])
         level = tf.floor(4. + tf.math.log(tf.sqrt(tf.maximum(area, 1e-12)) / 224. + 1e-6) / np.log(2.))
@@ -142,6 +159,12 @@ class PyramidROIAlign(keras.layers.Layer):
     mode "matterport": one bilinear sample per bin, corner-aligned
         (``crop_and_resize`` of the normalized box on its level); level with
         matterport's rounding. Weights trained with it keep their behaviour.
+    mode "torchvision": torchvision's ``MultiScaleRoIAlign(sampling_ratio=2)``
+        (``roi_align(aligned=False)``): feature index = image pixel / stride
+        (no half-pixel offset), the box at least one feature pixel wide and
+        tall, 2x2 samples per bin at the sub-bin centres, samples beyond one
+        pixel outside the level are 0 (those within it read the edge);
+        level floor(4 + log2(sqrt(wh) / 224) + 1e-6). Boxes are not clipped.
     All levels are read from one atlas tensor (``pyramid_atlas``), so every
     ROI is pooled once by a single sampling call, with static shapes.
     method: "crop_and_resize" or "gather" (XLA), see ``sample_bilinear``.
@@ -172,7 +195,9 @@ class PyramidROIAlign(keras.layers.Layer):
         batch = boxes.shape[0]
         num_rois = tf.shape(boxes)[1]
         channels = feature_maps[0].shape[-1]
-        boxes = tf.clip_by_value(tf.stop_gradient(tf.cast(boxes, tf.float32)), 0., 1.)
+        boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+        if self.mode != "torchvision":
+            boxes = tf.clip_by_value(boxes, 0., 1.)
         level = roi_level(boxes, self.image_shape, self.mode) - 2          # [B, R] in 0..3
         atlas, origins = pyramid_atlas(feature_maps)
         sizes = np.array([f.shape[1:3] for f in feature_maps], np.float32)  # [levels, (h, w)]
@@ -183,7 +208,16 @@ class PyramidROIAlign(keras.layers.Layer):
             return tf.concat([picked, picked], axis=-1)
 
         rows, cols = self.pool_shape
-        if self.mode == "aligned":
+        inside = None
+        if self.mode == "torchvision":
+            rows, cols = 2 * rows, 2 * cols
+            index = continuous_boxes(boxes, self.image_shape) / per_level(strides)
+            size = tf.maximum(index[..., 2:] - index[..., :2], 1.)
+            step = size / np.array([rows, cols], np.float32)
+            first_last = tf.concat([index[..., :2] + 0.5 * step, index[..., :2] + size - 0.5 * step], axis=-1)
+            inside = _inside_level(tf.reshape(first_last, [-1, 4]), tf.reshape(tf.gather(sizes, level), [-1, 2]),
+                                   rows, cols)
+        elif self.mode == "aligned":
             # Continuous image box -> level index space; 2x2 samples per bin.
             rows, cols = 2 * rows, 2 * cols
             index = continuous_boxes(boxes, self.image_shape) / per_level(strides) - 0.5
@@ -196,7 +230,9 @@ class PyramidROIAlign(keras.layers.Layer):
         box_indices = tf.repeat(tf.range(batch, dtype=tf.int32), num_rois)
         pooled = sample_bilinear(atlas, tf.reshape(first_last, [-1, 4]), box_indices, (rows, cols),
                                  self.method)
-        if self.mode == "aligned":
+        if inside is not None:
+            pooled = pooled * inside
+        if self.mode in ("aligned", "torchvision"):
             pooled = tf.nn.avg_pool2d(pooled, 2, 2, "VALID")   # the 2x2 samples of each bin
         out = tf.reshape(pooled, [batch, num_rois, *self.pool_shape, channels])
         return tf.cast(out, self.out_dtype or self.compute_dtype)

@@ -11,6 +11,10 @@
     # Images without annotations: an overlay PNG each, detections.json + images.json
     python samples/coco/coco.py detect --dataset /data/coco --model coco --images photos/ --out detected/
 
+    # torchvision's Mask R-CNN architecture (weights converted by mrcnn.torchvision_weights;
+    # benchmarks/pretrained.py makes some on the built-in data):
+    python samples/coco/coco.py evaluate --config torchvision --model runs/torchvision-pretrained/v1/model.mrcnn.weights.h5
+
     # Your own COCO-format folder: the classes come from its annotation files.
     python samples/coco/coco.py train --dataset /data/mine --image-size 512 --backbone resnet50 --steps 20000
 
@@ -45,7 +49,7 @@ if ROOT_DIR not in sys.path:
 from mrcnn.config import BACKBONES, DISTRIBUTE_MODES  # noqa: E402
 from mrcnn.coco_dataset import load_coco_subset  # noqa: E402
 from mrcnn.edge_filters import FILTERS  # noqa: E402
-from mrcnn.presets import CocoConfig, CpuConfig  # noqa: E402
+from mrcnn.presets import CocoConfig, CpuConfig, TorchvisionConfig, TorchvisionV2Config  # noqa: E402
 from mrcnn.stages import TRAINING_MODES, epoch_plan, stage_overrides, train_stages  # noqa: E402
 from mrcnn.synthetic_coco import BUILTIN  # noqa: E402
 
@@ -68,6 +72,10 @@ FIGURE_MIN_SCORE = 0.5
 class BuiltinCocoConfig(CpuConfig):
     """The CPU preset (``mrcnn.presets.CpuConfig``) for the built-in synthetic COCO data."""
     NAME = "coco_builtin"
+
+
+# --config: the architecture ("default": the CPU preset built-in, CocoConfig on COCO).
+ARCHITECTURES = {"default": None, "torchvision": TorchvisionConfig, "torchvision-v2": TorchvisionV2Config}
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +153,11 @@ def build_parser():
     parser.add_argument("--image-size", type=_image_size, default=None, metavar="PIXELS",
                         help="images are resized to fit and padded to PIXELS x PIXELS (a multiple of 64; "
                              "default: 128 built-in, 1024 COCO)")
+    parser.add_argument("--config", choices=sorted(ARCHITECTURES), default="default",
+                        help="the architecture: default (the CPU preset built-in, matterport's COCO) or "
+                             "torchvision's Mask R-CNN (presets TorchvisionConfig / TorchvisionV2Config, e.g. for "
+                             "weights converted by mrcnn.torchvision_weights; images at --image-size, default 128 "
+                             "built-in, 800/1333 COCO)")
     parser.add_argument("--backbone", choices=BACKBONES, default=None,
                         help="default: resnet_small built-in, resnet101 COCO")
     parser.add_argument("--on-bad-sample", choices=["raise", "skip"], default="raise",
@@ -175,6 +188,9 @@ def make_config(args, num_classes=None, inference=False):
     applied, NUM_CLASSES from the data (``num_classes``, background included)."""
     from mrcnn.coco_results import COCO_DETECTION
     base = BuiltinCocoConfig if args.dataset is None else CocoConfig
+    architecture = ARCHITECTURES.get(getattr(args, "config", "default"))
+    if architecture is not None:
+        base = architecture
     filters = args.edge_loss_filters if args.edge_loss_filters else EDGE_PRESETS[args.edge_loss]
     smooth_gt, smooth_pred = SMOOTHING[args.edge_loss_smoothing]
     fields = dict(EDGE_LOSS_FILTERS=list(filters), EDGE_LOSS_NORM=args.edge_loss_norm,
@@ -188,6 +204,8 @@ def make_config(args, num_classes=None, inference=False):
         fields["NUM_CLASSES"] = int(num_classes)
     if getattr(args, "image_size", None):
         fields.update(IMAGE_MIN_DIM=args.image_size, IMAGE_MAX_DIM=args.image_size)
+    elif architecture is not None and args.dataset is None:
+        fields.update(IMAGE_MIN_DIM=128, IMAGE_MAX_DIM=128)   # the built-in images
     if getattr(args, "backbone", None):
         fields["BACKBONE"] = args.backbone
     if inference:
