@@ -449,6 +449,60 @@ def test_parts_build_static_models_and_detect(config_class, tmp_path):
     np.testing.assert_allclose(probs[..., 1], tf.sigmoid(logits[..., 1]), rtol=1e-5, atol=1e-6)
 
 
+def test_load_weights_torchvision_fetches_converts_once_then_loads_without_torch(tmp_path, monkeypatch):
+    """model.load_weights("torchvision"): the .pth is fetched (from a local
+    HTTP server), converted once next to it (<file>.mrcnn.weights.h5; torch's
+    part, load_pth, is replaced by a random state dict of the real layout),
+    the class-specific layers are left out for other classes; a second load
+    uses the converted file with neither the server nor torch."""
+    import dataclasses
+    import functools
+    import hashlib
+    import http.server
+    import threading
+    from mrcnn import model as modellib, pretrained
+    from mrcnn.checkpoints import read_weights
+    from tiny import ShapesTiny
+
+    served = tmp_path / "served"
+    served.mkdir()
+    source = pretrained.get_source("torchvision")
+    data = b"a stand-in for torchvision's .pth: its bytes are fetched and hashed, never parsed here"
+    (served / source.filename).write_bytes(data)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state = random_state_dict("v1", 91, seed=3)
+    calls = []
+    monkeypatch.setattr(tw, "load_pth", lambda path: calls.append(path) or state)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    config = pretrained.config_for("torchvision", ShapesTiny().derive(IMAGE_MIN_DIM=64, IMAGE_MAX_DIM=64))
+    assert config.BOX_HEAD == "torchvision" and config.NUM_CLASSES == ShapesTiny.NUM_CLASSES
+    try:
+        local = dataclasses.replace(source, url=f"http://127.0.0.1:{server.server_port}/{source.filename}",
+                                    file_hash=hashlib.sha256(data).hexdigest(), size=len(data), hash_prefix=False)
+        monkeypatch.setitem(pretrained.SOURCES, "torchvision", local)
+        first = modellib.MaskRCNN("inference", config, str(tmp_path)).load_weights("torchvision")
+    finally:
+        server.shutdown()
+        server.server_close()
+    converted = str(tmp_path / "keras_home" / "models" / source.filename) + ".mrcnn.weights.h5"
+    assert len(calls) == 1 and first.path == converted and os.path.exists(converted)
+    assert set(first.excluded) == {"mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"}, first.excluded
+    assert not first.missing and not first.mismatched
+    # Second load: no server (shut down), no torch, no conversion.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(tw, "load_pth", lambda path: pytest.fail("converted again"))
+    model = modellib.MaskRCNN("inference", config, str(tmp_path))
+    second = model.load_weights("torchvision")
+    assert second.path == converted and sorted(second.loaded) == sorted(first.loaded)
+    stored = read_weights(converted)
+    for name in ("fpn_c5p5", "res4a_branch2b", "rpn_conv_shared"):
+        if name in stored:
+            np.testing.assert_array_equal(model.keras_model.get_layer(name).weights[0].numpy(), stored[name][0])
+    assert any(n in stored for n in ("fpn_c5p5", "res4a_branch2b")), sorted(stored)[:20]
+
+
 # ---------------------------------------------------------------------------
 # Parity with torchvision itself (its own venv; skipped without it)
 # ---------------------------------------------------------------------------
