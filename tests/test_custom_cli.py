@@ -174,6 +174,24 @@ def test_splash_images_are_gray_outside_the_detections(via_run):
     print(f"splash: {coloured} pixels in colour")
 
 
+def test_inference_refuses_a_checkpoint_of_other_classes(via_run):
+    """A checkpoint without class names (coco.py's, or any other tool's) whose
+    class count differs from the data's: detections would come from random
+    class-specific layers, so splash/detect/evaluate stop and say why."""
+    from mrcnn import model as modellib
+    from mrcnn.checkpoints import save_checkpoint
+    from mrcnn.presets import CpuConfig
+    config = CpuConfig().derive(NUM_CLASSES=3, IMAGE_MIN_DIM=SIZE, IMAGE_MAX_DIM=SIZE, IMAGES_PER_GPU=1)
+    other = modellib.MaskRCNN("inference", config, str(via_run["tmp"] / "other-logs"))
+    path = str(via_run["tmp"] / "three_classes.weights.h5")
+    save_checkpoint(path, other.keras_model, 1, config=config)
+    with pytest.raises(SystemExit, match=r"does not fit this model of 5 classes .*mrcnn_class_logits.*"
+                                         r"trained on other classes"):
+        custom.main(["splash", "--image", os.path.join(via_run["dataset"], "val"), "--out",
+                     str(via_run["tmp"] / "never"), "--weights", path, *via_run["common"]])
+    assert not os.path.exists(via_run["tmp"] / "never")
+
+
 def test_splash_video_keeps_frames_and_frame_rate(via_run):
     pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as imageio

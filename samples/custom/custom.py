@@ -301,7 +301,16 @@ def inference_model(args, detection, dataset=None):
     if path is None:
         log.warning("random weights (--weights none)")
     else:
-        model.load_weights(path, by_name=True)
+        report = model.load_weights(path, by_name=True)
+        left_out = list(report.excluded) + list(report.mismatched) + list(report.missing)
+        if left_out:
+            # Detections need every layer: class-specific layers left out would be random.
+            raise SystemExit(
+                f"{path} does not fit this model of {config.NUM_CLASSES - 1} classes "
+                f"({', '.join(config.CLASS_NAMES[1:])}): {', '.join(left_out[:6])} "
+                f"{'are' if len(left_out) > 1 else 'is'} not in it or of another shape (trained on other "
+                "classes?). Give the --dataset (and --class-attribute / --classes) it was trained on, "
+                "or a checkpoint trained on these classes.")
     return model, path
 
 
