@@ -126,13 +126,15 @@ def padded_size(height, width, min_size, max_size):
     return -(-h // 32) * 32, -(-w // 32) * 32
 
 
-def build_ours(variant, state_dict, num_classes, canvas, min_size, max_size):
-    """Our inference model of ``variant`` on ``canvas`` with ``state_dict`` converted."""
+def build_ours(variant, state_dict, num_classes, canvas, min_size, max_size, anchor_sizes=None):
+    """Our inference model of ``variant`` on ``canvas`` with ``state_dict`` converted
+    (``anchor_sizes``: RPN_ANCHOR_SCALES when the torchvision model was built with others)."""
     from mrcnn import model as modellib
     from mrcnn.checkpoints import layers_with_weights
     from mrcnn.torchvision_weights import config_for, convert_state_dict
     config = config_for(variant, num_classes, IMAGE_MIN_DIM=min_size, IMAGE_MAX_DIM=max_size,
-                        IMAGE_CANVAS=tuple(canvas), IMAGES_PER_GPU=1)
+                        IMAGE_CANVAS=tuple(canvas), IMAGES_PER_GPU=1,
+                        **({"RPN_ANCHOR_SCALES": tuple(anchor_sizes)} if anchor_sizes else {}))
     model = modellib.MaskRCNN("inference", config, model_dir=tempfile.gettempdir())
     converted = convert_state_dict(state_dict, variant)
     owned = layers_with_weights(model.keras_model)
@@ -310,16 +312,18 @@ def run(variants, weights_kinds, torch_python, trained_dir, quick=False, num_cla
                         print(f"[{variant} trained] skipped: {pth} missing (run benchmarks/pretrained.py "
                               f"--variant {variant} first)")
                         continue
-                    num_classes = int(json.load(open(os.path.join(trained_dir, variant, "info.json")))["num_classes"])
+                    info = json.load(open(os.path.join(trained_dir, variant, "info.json")))
+                    num_classes, anchor_sizes = int(info["num_classes"]), info.get("anchor_sizes")
                 else:
-                    pth, num_classes = None, num_classes_random
+                    pth, num_classes, anchor_sizes = None, num_classes_random, None
+                options = {"anchor_sizes": anchor_sizes} if anchor_sizes else {}
                 sizes = cases_by_kind[kind]
                 sizes = sizes[1:] if quick and kind == "random" and cases is None else sizes
                 for min_size, max_size in sizes:
                     sd_path = os.path.join(tmp, f"{variant}_{kind}_{min_size}.npz")
                     child.call("build", variant=variant, num_classes=num_classes, min_size=min_size,
                                max_size=max_size, seed=0, randomize_bn=kind == "random", weights=pth,
-                               export=sd_path)
+                               export=sd_path, options=options)
                     state_dict = dict(np.load(sd_path))
                     for name, image in (images[:1] if (kind == "random" and min_size >= 800) else images):
                         t0 = time.time()
@@ -328,7 +332,8 @@ def run(variants, weights_kinds, torch_python, trained_dir, quick=False, num_cla
                         np.savez(img_path, image=image)
                         child.call("stages", image=img_path, out=ref_path, mask_rois=100)
                         ref = dict(np.load(ref_path))
-                        model = build_ours(variant, state_dict, num_classes, canvas, min_size, max_size)
+                        model = build_ours(variant, state_dict, num_classes, canvas, min_size, max_size,
+                                           anchor_sizes)
                         stages = compare_stages(model, ref, image)
                         detections = compare_detections(model, ref, image)
                         results.append({"variant": variant, "weights": kind, "image": name,

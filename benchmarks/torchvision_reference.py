@@ -32,17 +32,15 @@ arrays travel in ``.npz`` files named in the commands:
     {"cmd": "quit"}
 """
 
-import json
 import os
 import sys
 import time
-import traceback
+
+from json_lines import serve, take_stdout
 
 
 def main():
-    proto = os.fdopen(os.dup(1), "w", buffering=1)   # the protocol owns stdout
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    reply = take_stdout()
     import numpy as np
     import torch
     import torchvision
@@ -50,10 +48,6 @@ def main():
 
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
     state = {"model": None}
-
-    def reply(obj):
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
 
     def to_tensor(image):
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.)
@@ -64,8 +58,14 @@ def main():
     def build(cmd):
         torch.manual_seed(int(cmd.get("seed", 0)))
         fn = maskrcnn_resnet50_fpn_v2 if cmd["variant"] == "v2" else maskrcnn_resnet50_fpn
+        options = dict(cmd.get("options", {}))
+        sizes = options.pop("anchor_sizes", None)
+        if sizes:     # one anchor size per FPN level, torchvision's aspect ratios
+            from torchvision.models.detection.anchor_utils import AnchorGenerator
+            options["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in sizes),
+                                                              ((0.5, 1.0, 2.0),) * len(sizes))
         model = fn(weights=None, weights_backbone=None, num_classes=int(cmd["num_classes"]),
-                   min_size=int(cmd["min_size"]), max_size=int(cmd["max_size"]), **cmd.get("options", {}))
+                   min_size=int(cmd["min_size"]), max_size=int(cmd["max_size"]), **options)
         if cmd.get("weights"):
             model.load_state_dict(torch.load(cmd["weights"], map_location="cpu", weights_only=True))
         if cmd.get("randomize_bn"):
@@ -214,18 +214,7 @@ def main():
 
     commands = {"build": build, "stages": stages, "detect": detect, "train": train}
     reply({"ok": True, "ready": True, "torch": torch.__version__, "torchvision": torchvision.__version__})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "quit":
-                reply({"ok": True})
-                break
-            reply(dict(ok=True, **commands[cmd["cmd"]](cmd)))
-        except Exception:
-            reply({"ok": False, "error": traceback.format_exc()})
-    return 0
+    return serve(reply, commands)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,18 @@ one JSON line per command read from stdin: ``{"cmd": "train", "steps": k}``,
 """
 
 import json
-import os
 import sys
 import time
 
+from json_lines import serve, take_stdout
+
 
 def torch_worker(npz_path, size):
-    # The protocol owns the real stdout; anything else printing goes to stderr.
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    import traceback
+    reply = take_stdout()      # the protocol owns the real stdout
     import numpy as np
     import torch
     import torchvision
     from torchvision.models.detection import maskrcnn_resnet50_fpn
-
-    def reply(obj):
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
 
     data = np.load(npz_path)
     tv = json.loads(str(data["tv_config"]))
@@ -121,23 +113,8 @@ def torch_worker(npz_path, size):
            "params": int(sum(p.numel() for p in model.parameters())),
            "trainable_params": int(sum(p.numel() for p in params)),
            "batchnorm_layers": int(n_bn), "frozen_batchnorm_layers": int(frozen_bn)})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            cmd = json.loads(line)
-            if cmd["cmd"] == "quit":
-                reply({"ok": True})
-                break
-            elif cmd["cmd"] == "train":
-                reply(dict(ok=True, **train(int(cmd["steps"]))))
-            elif cmd["cmd"] == "infer":
-                reply(dict(ok=True, **infer(int(cmd["images"]), cmd.get("score_thresh"))))
-            else:
-                reply({"ok": False, "error": f"unknown command {cmd!r}"})
-        except Exception:
-            reply({"ok": False, "error": traceback.format_exc()})
-    return 0
+    return serve(reply, {"train": lambda cmd: train(int(cmd["steps"])),
+                         "infer": lambda cmd: infer(int(cmd["images"]), cmd.get("score_thresh"))})
 
 
 if __name__ == "__main__":

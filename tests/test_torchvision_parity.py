@@ -16,6 +16,7 @@ from mrcnn.anchors import anchor_spec, get_anchors, level_sizes
 from mrcnn.boxes import continuous_boxes, normalize_boxes
 from mrcnn.image_meta import compose_image_meta
 from mrcnn.presets import TorchvisionConfig, TorchvisionV2Config
+from numpy_reference import np_d2_bilinear_taps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(ROOT, ".venv-torchvision", "bin", "python")
@@ -308,7 +309,7 @@ def test_proposal_layer_is_torchvisions_filter_proposals():
     got = layer([tf.constant(probs), tf.constant(deltas), tf.constant(metas, tf.float32)]).numpy()
     assert got.shape == (B, 80, 4)
     for b in range(B):
-        boxes, scores, levels, start = [], [], [], 0
+        boxes, scores, start = [], [], 0
         for level, n in enumerate(sizes):
             p = probs[b, start:start + n, 1]
             top = np.argsort(-p, kind="stable")[:min(60, n)] + start
@@ -334,24 +335,9 @@ def np_roi_align(feature, box, scale, size):
     rh, rw = max(box[2] * scale - y0, 1.), max(box[3] * scale - x0, 1.)
     out = np.zeros((size, size, feature.shape[2]))
 
-    def bilinear(y, x):
-        if y < -1 or y > H or x < -1 or x > W:
-            return 0.
-        y, x = max(y, 0.), max(x, 0.)
-        yl, xl = int(y), int(x)
-        if yl >= H - 1:
-            yl = yh = H - 1
-            y = float(yl)
-        else:
-            yh = yl + 1
-        if xl >= W - 1:
-            xl = xh = W - 1
-            x = float(xl)
-        else:
-            xh = xl + 1
-        ly, lx = y - yl, x - xl
-        return ((1 - ly) * (1 - lx) * feature[yl, xl] + (1 - ly) * lx * feature[yl, xh]
-                + ly * (1 - lx) * feature[yh, xl] + ly * lx * feature[yh, xh])
+    def bilinear(y, x):      # torchvision's bilinear_interpolate is detectron2's
+        return sum(weight * feature[row, col] for row, col, weight in np_d2_bilinear_taps(y, x, H, W))
+
     for py in range(size):
         for px in range(size):
             for iy in range(2):
