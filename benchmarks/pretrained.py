@@ -134,7 +134,7 @@ def main(argv=None):
     train_set = load_coco_subset(root, "train")
     val_set, coco = load_coco_subset(root, "val", return_coco=True)
     num_classes = train_set.num_classes
-    out = os.path.join(args.out_dir, args.variant)
+    out = os.path.join(os.path.abspath(args.out_dir), args.variant)   # the torch child runs elsewhere
     os.makedirs(out, exist_ok=True)
     pth, npz = os.path.join(out, "model.pth"), os.path.join(out, "state_dict.npz")
     minutes = {}

@@ -301,6 +301,7 @@ def run(variants, weights_kinds, torch_python, trained_dir, quick=False, num_cla
     """[{variant, weights, image, sizes, stages: {...}, detections: (...)}]; ``cases``:
     {weights: [(min_size, max_size)]} (default ``CASES``), ``images``: [(name, uint8 image)]."""
     results = []
+    trained_dir = os.path.abspath(trained_dir) if trained_dir else trained_dir   # the torch child runs elsewhere
     cases_by_kind = cases or CASES
     images = images or test_images(quick)
     with tempfile.TemporaryDirectory() as tmp, ReferenceChild(torch_python, tmp) as child:
