@@ -178,14 +178,20 @@ class MaskRCNN:
         """Write the current weights in our checkpoint format (atomically)."""
         save_checkpoint(filepath, self.keras_model, self.epoch, config=self.config)
 
-    def export(self, path):
-        """Write this inference model as a self-contained SavedModel: one uint8
-        image of any size in; boxes in original pixels, class ids, scores and
-        full-size masks out (see ``mrcnn.export``). Returns ``path``."""
-        from mrcnn.export import export_saved_model
+    def export(self, path, format="saved_model", masks="full"):
+        """Write this inference model for serving: one uint8 image of any size
+        in; boxes in original pixels, class ids, scores and masks out.
+
+        format: "saved_model" (a directory, TensorFlow; ``mrcnn.export``),
+            "onnx" (onnxruntime), "litert" (a .tflite, ai-edge-litert) or
+            "openvino" (.xml + .bin); see ``mrcnn.export_formats``.
+        masks: "full" ([N, H, W] uint8) or "roi" ([N, h, w] float32
+            probabilities over the boxes, pasted by the client with
+            ``utils.paste_masks``). Returns ``path``."""
+        from mrcnn.export_formats import export
         if self.mode != "inference":
             raise ValueError("export needs a model created with mode='inference'")
-        return export_saved_model(self.graph, self.config, path)
+        return export(self.graph, self.config, path, format=format, masks=masks)
 
     # -------------------------------------------------------------- training
     def train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
