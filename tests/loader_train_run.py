@@ -21,6 +21,9 @@ def config():
 
 
 def main(model_dir, stall_file):
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)     # the test asks for stacks if it hangs
     from mrcnn import model as modellib
     from loader_datasets import Slow, shapes
     m = modellib.MaskRCNN("training", config(), model_dir)

@@ -249,7 +249,12 @@ def test_ctrl_c_stops_training_at_once_without_orphan_workers(tmp_path):
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            pytest.fail("training did not stop within 20 s of SIGINT")
+            os.kill(proc.pid, signal.SIGUSR1)       # faulthandler: every thread's stack
+            time.sleep(2)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail("training did not stop within 20 s of SIGINT; its output and stacks:\n"
+                        + proc.stdout.read().decode()[-6000:])
         seconds = time.monotonic() - t0
     finally:
         if proc.poll() is None:
