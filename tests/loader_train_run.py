@@ -24,6 +24,11 @@ def main(model_dir, stall_file):
     import faulthandler
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)     # the test asks for stacks if it hangs
+    # Ctrl-C as a terminal delivers it: the pytest process that starts this one may
+    # have SIGINT ignored or blocked by then (both are inherited across exec), which
+    # made this run wait in select() for ever in full-suite runs (as distributed_run.py).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     from mrcnn import model as modellib
     from loader_datasets import Slow, shapes
     m = modellib.MaskRCNN("training", config(), model_dir)
