@@ -95,7 +95,10 @@ def expected(trained, images):
     assert sum(len(r["class_ids"]) for r in results.values()) > 0, "nothing detected: nothing to compare"
     counts = {k: len(r["class_ids"]) for k, r in results.items()}
     print(f"\ndetections of detect(): {counts}")
-    assert all(counts[k] for k in ("square", "wide", "tall", "gray")), counts
+    # The geometry cases must have detections to compare; the others (gray, scaled, 1x1) are
+    # compared whatever detect() gives on them (the suite's model differs from run to run:
+    # a CI run found nothing on the gray image).
+    assert all(counts[k] for k in ("square", "wide", "tall")), counts
     return results
 
 
