@@ -5,6 +5,7 @@ For each setting, the model (random init, seeded) is exported once per format
 by its own runtime in its own child process, with 2 threads each:
 
     saved_model  TensorFlow (``tf.saved_model.load``)
+    saved_model@bf16  the same, exported with precision="bfloat16"
     onnx         onnxruntime (CPUExecutionProvider)
     litert       ai-edge-litert's interpreter (XNNPACK)
     openvino     openvino (CPU, f32)
@@ -14,7 +15,10 @@ The children run the client code of ``mrcnn.export_formats.RUNNERS``
 setting's size, one image per call (the time of ``run(image)``: molding,
 network, unmolding and mask pasting, to NumPy arrays). torchvision's
 ``maskrcnn_resnet50_fpn`` (``torchvision_worker.py`` of ``vs_torchvision.py``,
-in its own venv) is the reference at the equal configuration.
+in its own venv) is the reference at the equal configuration, in float32 and
+under torch's CPU autocast to bfloat16 (``torchvision@bf16``; ``--no-torch-bf16``
+leaves it out). On CPUs without native bfloat16 (AMX, AVX512-BF16) the bf16
+sides are slow emulations: ``--formats`` without them.
 
 Settings (``--settings``):
     cpu128    the CPU preset (``presets.CpuConfig``) at 128x128;
@@ -53,8 +57,9 @@ from torch_child import ChildError, TorchChild, check_torch_python  # noqa: E402
 from vs_torchvision import (DEFAULT_TORCH_PYTHON, EQUAL_CONFIG, make_config, make_dataset,  # noqa: E402
                             torchvision_kwargs, write_npz)
 
-FORMATS = ("saved_model", "onnx", "litert", "openvino")
+FORMATS = ("saved_model", "saved_model@bf16", "onnx", "litert", "openvino")
 SUFFIX = {"saved_model": "", "onnx": ".onnx", "litert": ".tflite", "openvino": ".xml"}
+PRECISION = {"bf16": "bfloat16"}       # a side's "@" suffix -> export's precision
 
 # A runtime's child: RUNNERS' client code, then one JSON line per command.
 CHILD = '''
@@ -95,15 +100,15 @@ def progress(msg):
 class RuntimeChild:
     """One exported file served by its runtime in a child process."""
 
-    def __init__(self, fmt, path, images_npz, threads, log_dir):
+    def __init__(self, fmt, path, images_npz, threads, log_dir, label):
         from mrcnn.export_formats import runner
-        self.stderr = open(os.path.join(log_dir, f"{fmt}.stderr"), "wb")
+        self.stderr = open(os.path.join(log_dir, f"{label}.stderr"), "wb")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD.format(runner=runner(fmt)), path, images_npz,
                                       str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, bufsize=1, cwd=log_dir, env=env)
-        self.label = fmt
+        self.label = label
         self._read()
 
     def _read(self):
@@ -131,15 +136,15 @@ class RuntimeChild:
 
 
 class TorchSide:
-    """torchvision's worker at score threshold 0, with its peak memory read from /proc."""
+    """torchvision's worker at score threshold 0, in float32 or under bfloat16
+    autocast, with its peak memory read from /proc. Two sides can share a worker."""
 
-    label = "torchvision"
-
-    def __init__(self, python, npz, size, log_dir):
-        self.child = TorchChild(python, npz, size, log_dir)
+    def __init__(self, child, bfloat16=False):
+        self.child, self.bfloat16 = child, bfloat16
+        self.label = "torchvision@bf16" if bfloat16 else "torchvision"
 
     def infer(self, count):
-        reply = self.child.call(cmd="infer", images=count, score_thresh=0.0)
+        reply = self.child.call(cmd="infer", images=count, score_thresh=0.0, bfloat16=self.bfloat16)
         with open(f"/proc/{self.child.proc.pid}/status") as f:
             reply["peak_mb"] = next(int(line.split()[1]) / 1024. for line in f if line.startswith("VmHWM:"))
         return reply
@@ -182,23 +187,27 @@ def run_setting(name, args, log_dir):
     keras.utils.set_random_seed(0)
     model = modellib.MaskRCNN("inference", config, folder)
     sides, export_seconds = [], {}
-    for fmt in args.formats:
-        path = os.path.join(folder, f"model{SUFFIX[fmt]}")
-        progress(f"{name}: export {fmt}")
+    for label in args.formats:
+        fmt, _, variant = label.partition("@")
+        path = os.path.join(folder, f"model{'_' + variant if variant else ''}{SUFFIX[fmt]}")
+        progress(f"{name}: export {label}")
         t0 = time.perf_counter()
         try:
-            model.export(path, format=fmt)
+            model.export(path, format=fmt, precision=PRECISION.get(variant, "float32"))
         except Exception as e:     # reported, not hidden
-            progress(f"{name}: export {fmt} failed: {type(e).__name__}: {str(e)[-500:]}")
+            progress(f"{name}: export {label} failed: {type(e).__name__}: {str(e)[-500:]}")
             continue
-        export_seconds[fmt] = time.perf_counter() - t0
-        sides.append(RuntimeChild(fmt, path, npz, args.threads, folder))
+        export_seconds[label] = time.perf_counter() - t0
+        sides.append(RuntimeChild(fmt, path, npz, args.threads, folder, label))
     torch_reason = None
     if name == "equal512" and not args.no_torch:
         torch_reason = check_torch_python(args.torch_python)
         if torch_reason is None:
             progress(f"{name}: torchvision worker")
-            sides.append(TorchSide(args.torch_python, npz, size, folder))
+            child = TorchChild(args.torch_python, npz, size, folder)
+            sides.append(TorchSide(child))
+            if not args.no_torch_bf16:
+                sides.append(TorchSide(child, bfloat16=True))
     del model, images
 
     raw = {s.label: {"seconds": [], "detections": [], "peak_mb": 0.} for s in sides}
@@ -221,7 +230,8 @@ def run_setting(name, args, log_dir):
             progress(f"{name}: block {block + 1}/{args.blocks}")
     finally:
         for s in sides:
-            s.close()
+            if not (isinstance(s, TorchSide) and s.bfloat16):     # the float32 side closes the worker
+                s.close()
     return {"setting": name, "size": size, "raw": raw, "export_seconds": export_seconds,
             "torch_skipped": torch_reason}
 
@@ -229,16 +239,18 @@ def run_setting(name, args, log_dir):
 def report(result):
     raw = result["raw"]
     lines = [f"### {result['setting']} ({result['size']}x{result['size']}, 2 threads per runtime)", "",
-             "| runtime | ms/image (median) | mean | detections/image | peak memory (MB) | vs torchvision |",
-             "|---|---|---|---|---|---|"]
-    ref = statistics.median(raw["torchvision"]["seconds"]) if "torchvision" in raw else None
+             "| runtime | ms/image (median) | mean | detections/image | peak memory (MB) | vs torchvision "
+             "| vs torchvision@bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    refs = [statistics.median(raw[k]["seconds"]) if raw.get(k, {}).get("seconds") else None
+            for k in ("torchvision", "torchvision@bf16")]
     for label, r in raw.items():
         if not r["seconds"]:
             continue
         med = statistics.median(r["seconds"])
-        ratio = f"{med / ref:.2f}x" if ref else "-"
+        ratios = " | ".join(f"{med / ref:.2f}x" if ref else "-" for ref in refs)
         lines.append(f"| {label} | {1000 * med:.1f} | {1000 * statistics.mean(r['seconds']):.1f} | "
-                     f"{statistics.mean(r['detections']):.0f} | {r['peak_mb']:.0f} | {ratio} |")
+                     f"{statistics.mean(r['detections']):.0f} | {r['peak_mb']:.0f} | {ratios} |")
     if result["torch_skipped"]:
         lines.append(f"\n(torchvision skipped: {result['torch_skipped']})")
     return "\n".join(lines)
@@ -255,6 +267,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--torch-python", default=DEFAULT_TORCH_PYTHON)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-torch-bf16", action="store_true", help="no torchvision@bf16 side")
     parser.add_argument("--json")
     args = parser.parse_args()
     args.formats = [f for f in args.formats.split(",") if f]

@@ -7,7 +7,8 @@ torchvision (never this library).
 DATA.npz (written by the parent) holds the images, the ground truth and the
 torchvision arguments. The worker builds ``maskrcnn_resnet50_fpn`` and answers
 one JSON line per command read from stdin: ``{"cmd": "train", "steps": k}``,
-``{"cmd": "infer", "images": k, "score_thresh": t}`` (optional threshold),
+``{"cmd": "infer", "images": k, "score_thresh": t, "bfloat16": b}`` (optional
+threshold; ``b`` true: under ``torch.autocast("cpu", torch.bfloat16)``),
 ``{"cmd": "quit"}``. Every reply has ``"ok"``; timings are in seconds.
 """
 
@@ -83,22 +84,24 @@ def torch_worker(npz_path, size):
             losses.append(value)
         return {"seconds": seconds, "losses": losses}
 
-    def infer(count, score_thresh=None):
+    def infer(count, score_thresh=None, bfloat16=False):
         """`count` one-image detections; `score_thresh` overrides the box score
-        threshold for these calls only (restored afterwards)."""
+        threshold for these calls only (restored afterwards); `bfloat16`: under
+        CPU autocast to bfloat16 (torch's mixed precision for inference)."""
         model.eval()
         seconds, detections = [], []
         saved = model.roi_heads.score_thresh
         if score_thresh is not None:
             model.roi_heads.score_thresh = float(score_thresh)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bfloat16)):
                 for _ in range(count):
                     image = images[state["image"] % n_images]
                     state["image"] += 1
                     t0 = time.perf_counter()
                     out = model([to_tensor(image)])[0]
-                    result = {k: v.numpy() for k, v in out.items()}
+                    result = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                              for k, v in out.items()}
                     seconds.append(time.perf_counter() - t0)
                     detections.append(int(len(result["scores"])))
         finally:
@@ -114,7 +117,8 @@ def torch_worker(npz_path, size):
            "trainable_params": int(sum(p.numel() for p in params)),
            "batchnorm_layers": int(n_bn), "frozen_batchnorm_layers": int(frozen_bn)})
     return serve(reply, {"train": lambda cmd: train(int(cmd["steps"])),
-                         "infer": lambda cmd: infer(int(cmd["images"]), cmd.get("score_thresh"))})
+                         "infer": lambda cmd: infer(int(cmd["images"]), cmd.get("score_thresh"),
+                                                         cmd.get("bfloat16", False))})
 
 
 if __name__ == "__main__":

@@ -237,12 +237,13 @@ def serving_function(graph, config, masks="full"):
         image = image_graph(image, config)
         molded, meta, window, scale = mold_image_graph(image, config)
         out = detector({"input_image": molded, "input_image_meta": meta}, training=False)
-        detections = out["detections"][0]
+        detections = tf.cast(out["detections"][0], tf.float32)
         boxes, valid = unmold_boxes_graph(detections, window, tf.shape(image)[:2], config)
         # The mask head runs on the valid detections only.
         detections, boxes = tf.boolean_mask(detections, valid), tf.boolean_mask(boxes, valid)
         class_ids = tf.cast(detections[:, 4], tf.int32)
         logits = mask_head(detections[None, :, :4], [out[f"P{i}"] for i in range(2, 6)])[0]
+        logits = tf.cast(logits, tf.float32)
         roi_masks = tf.sigmoid(tf.gather(logits, class_ids, axis=-1, batch_dims=1))    # [N, h, w]
         if masks == "full":
             roi_masks = paste_masks_graph(roi_masks, boxes, tf.shape(image)[0], tf.shape(image)[1])
@@ -250,17 +251,29 @@ def serving_function(graph, config, masks="full"):
     return serve
 
 
-def export_saved_model(graph, config, path, masks="full"):
+PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16"}
+"""export's ``precision`` -> the ``Config.MIXED_PRECISION`` the served graph is built with."""
+
+
+def export_saved_model(graph, config, path, masks="full", precision=None):
     """Write an inference ``graph`` (``mrcnn.graph.Graph``) as a SavedModel at ``path``
     (module docstring; ``masks``: "full" or "roi", see ``serving_function``).
-    A graph with BATCH_SIZE > 1 is rebuilt with one image per batch, with the
-    same weights. Returns ``path``."""
+
+    precision: None (the graph's own ``config.MIXED_PRECISION``), "float32",
+    or "bfloat16" (computations in bfloat16, variables float32, outputs float32:
+    about 2x faster on CPUs with AMX or AVX512-BF16, slightly different
+    scores and masks; ``docs/performance.md``).
+    A graph with BATCH_SIZE > 1 or another precision is rebuilt with one image
+    per batch and that precision, with the same weights. Returns ``path``."""
     from mrcnn.checkpoints import copy_weights
     from mrcnn.graph import build_graph
     if graph.detector is None:
         raise ValueError("export needs an inference graph")
-    if config.BATCH_SIZE != 1:       # the signature takes one image
-        single = config.derive(IMAGES_PER_GPU=1, GPU_COUNT=1)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or None, got {precision!r}")
+    policy = config.MIXED_PRECISION if precision is None else PRECISIONS[precision]
+    if config.BATCH_SIZE != 1 or policy != config.MIXED_PRECISION:   # the signature takes one image
+        single = config.derive(IMAGES_PER_GPU=1, GPU_COUNT=1, MIXED_PRECISION=policy)
         rebuilt = build_graph("inference", single)
         copy_weights(graph.keras_model, rebuilt.keras_model)
         graph, config = rebuilt, single

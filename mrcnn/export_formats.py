@@ -68,7 +68,8 @@ def static_graph(graph, config):
     one image per batch, with ``graph``'s weights. Returns (graph, config)."""
     from mrcnn.checkpoints import copy_weights
     from mrcnn.graph import build_graph
-    static = config.derive(IMAGES_PER_GPU=1, GPU_COUNT=1, JIT_COMPILE=True)
+    # Float32 whatever the model trained in: the converters take float32 graphs.
+    static = config.derive(IMAGES_PER_GPU=1, GPU_COUNT=1, JIT_COMPILE=True, MIXED_PRECISION=None)
     rebuilt = build_graph("inference", static)
     copy_weights(graph.keras_model, rebuilt.keras_model)
     return rebuilt, static
@@ -234,18 +235,24 @@ def _output_names(model):
     return names
 
 
-def export(graph, config, path, format="saved_model", masks="full"):
+def export(graph, config, path, format="saved_model", masks="full", precision=None):
     """Write an inference ``graph`` as ``format`` (module docstring) at
-    ``path``. Returns ``path``."""
-    from mrcnn.export import export_saved_model
+    ``path``. ``precision``: see ``export.export_saved_model``; the other
+    formats are float32 files ("bfloat16" is refused for them).
+    Returns ``path``."""
+    from mrcnn.export import PRECISIONS, export_saved_model
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if masks not in MASK_MODES:
         raise ValueError(f"masks must be one of {MASK_MODES}, got {masks!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or None, got {precision!r}")
     if graph.detector is None:
         raise ValueError("export needs an inference graph")
     if format == "saved_model":
-        return export_saved_model(graph, config, path, masks=masks)
+        return export_saved_model(graph, config, path, masks=masks, precision=precision)
+    if precision == "bfloat16":
+        raise ValueError(f"precision='bfloat16' is for format='saved_model'; a {format} file is float32")
     static, static_config = static_graph(graph, config)
     geometry_dtype = tf.float32 if format == "litert" else tf.float64
     serve = portable_function(static, static_config, masks=masks, geometry_dtype=geometry_dtype)
@@ -288,6 +295,8 @@ import openvino
 
 def load(path, threads=None):
     """run(image uint8 [H, W, C]) -> dict of NumPy arrays."""
+    # f32: OpenVINO's default on CPUs with bfloat16 is bf16, which crashes on this
+    # graph (SIGFPE, openvino 2026.4) -- the resize geometry must stay float32.
     options = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         options["INFERENCE_NUM_THREADS"] = threads

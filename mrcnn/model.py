@@ -178,7 +178,7 @@ class MaskRCNN:
         """Write the current weights in our checkpoint format (atomically)."""
         save_checkpoint(filepath, self.keras_model, self.epoch, config=self.config)
 
-    def export(self, path, format="saved_model", masks="full"):
+    def export(self, path, format="saved_model", masks="full", precision=None):
         """Write this inference model for serving: one uint8 image of any size
         in; boxes in original pixels, class ids, scores and masks out.
 
@@ -187,11 +187,15 @@ class MaskRCNN:
             "openvino" (.xml + .bin); see ``mrcnn.export_formats``.
         masks: "full" ([N, H, W] uint8) or "roi" ([N, h, w] float32
             probabilities over the boxes, pasted by the client with
-            ``utils.paste_masks``). Returns ``path``."""
+            ``utils.paste_masks``).
+        precision: None (the config's MIXED_PRECISION), "float32" or, for
+            "saved_model", "bfloat16" (about 2x faster on CPUs with AMX or
+            AVX512-BF16, scores within about 0.02 of float32's).
+        Returns ``path``."""
         from mrcnn.export_formats import export
         if self.mode != "inference":
             raise ValueError("export needs a model created with mode='inference'")
-        return export(self.graph, self.config, path, format=format, masks=masks)
+        return export(self.graph, self.config, path, format=format, masks=masks, precision=precision)
 
     # -------------------------------------------------------------- training
     def train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
