@@ -13,6 +13,7 @@ The Edge Agreement Loss fields (``EDGE_LOSS_*``) are described in
 """
 
 import copy
+import functools
 import logging
 
 import numpy as np
@@ -30,10 +31,42 @@ RESIZE_MODES = ("square", "crop", "torchvision")
 DETECTION_POSTPROCESSING = ("default", "torchvision")
 DETECTION_MODES = ("matterport", "coco")
 LR_SCHEDULES = ("constant", "step", "cosine")
-MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16")
+MIXED_PRECISION_POLICIES = (None, "mixed_float16", "mixed_bfloat16", "auto")
+# The CPU flags (/proc/cpuinfo) of native bfloat16 arithmetic.
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multiworker")
 ON_BAD_SAMPLE_MODES = ("raise", "skip")
 LOADER_START_METHODS = ("auto", "fork", "forkserver", "spawn")
+
+
+def cpu_bfloat16_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's native bfloat16 instruction sets (``BFLOAT16_CPU_FLAGS`` in
+    ``cpuinfo``'s flags), or () where it has none or the file is unreadable."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(flag for flag in BFLOAT16_CPU_FLAGS if flag in flags)
+
+
+def choose_precision(bfloat16_flags, gpus):
+    """MIXED_PRECISION "auto": "mixed_bfloat16" when the model runs on a CPU
+    with native bfloat16 (``bfloat16_flags``), None (float32) on any other
+    CPU or when there are GPUs (float16 on GPUs is opt-in)."""
+    return "mixed_bfloat16" if bfloat16_flags and not gpus else None
+
+
+@functools.cache
+def auto_precision():
+    """What "auto" means on this machine (``choose_precision``), logged once."""
+    import tensorflow as tf
+    flags, gpus = cpu_bfloat16_flags(), tf.config.list_physical_devices("GPU")
+    chosen = choose_precision(flags, gpus)
+    why = (f"GPUs {[g.name for g in gpus]}" if gpus else
+           f"CPU flags {', '.join(flags)}" if flags else "no native bfloat16 on this CPU")
+    log.info("MIXED_PRECISION 'auto': %s (%s)", chosen or "float32", why)
+    return chosen
 
 
 class Config:
@@ -239,7 +272,9 @@ class Config:
     JIT_COMPILE = False
     # None, "mixed_float16" (with dynamic loss scaling) or "mixed_bfloat16":
     # Keras mixed precision for the backbone and heads; losses, the edge
-    # head, box decoding and the outputs stay float32.
+    # head, box decoding and the outputs stay float32. "auto": "mixed_bfloat16"
+    # on CPUs with native bfloat16 (AMX, AVX512-BF16) and no GPU, else None
+    # (``auto_precision``; __init__ replaces "auto" by the choice, logged).
     MIXED_PRECISION = None
 
     # ---- Edge Agreement Head (Zimmermann & Siems 2018). Empty list = off. ----
@@ -274,6 +309,8 @@ class Config:
         filters = self.EDGE_LOSS_FILTERS
         # One name ("sobel", "sobel+laplace") or a list of names.
         self.EDGE_LOSS_FILTERS = [filters] if isinstance(filters, str) else list(filters or [])
+        if self.MIXED_PRECISION == "auto":
+            self.MIXED_PRECISION = auto_precision()
         self.validate()
 
     def validate(self):

@@ -88,3 +88,33 @@ def test_mixed_precision_trains_with_finite_falling_losses(policy, tmp_path):
     # The same four batches before and after 30 steps (single training steps
     # are too noisy to compare at batch size 2).
     assert np.isfinite(before) and after < 0.8 * before, (before, after)
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_native_bfloat16(tmp_path, monkeypatch):
+    from mrcnn import config as config_module
+    assert config_module.choose_precision(("amx_bf16",), gpus=[]) == "mixed_bfloat16"
+    assert config_module.choose_precision(("avx512_bf16",), gpus=[]) == "mixed_bfloat16"
+    assert config_module.choose_precision((), gpus=[]) is None                  # float32 elsewhere
+    assert config_module.choose_precision(("amx_bf16",), gpus=["GPU:0"]) is None  # GPUs: opt-in
+
+    # The flags as /proc/cpuinfo writes them: a CPU without bfloat16 ...
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 avx512f avx512bw\n\n")
+    assert config_module.cpu_bfloat16_flags(str(cpuinfo)) == ()
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert config_module.cpu_bfloat16_flags(str(cpuinfo)) == ("amx_bf16", "avx512_bf16")
+    assert config_module.cpu_bfloat16_flags(str(tmp_path / "missing")) == ()
+
+    # ... and a config asking for "auto" on it gets float32, logged.
+    monkeypatch.setattr(config_module, "cpu_bfloat16_flags", lambda: ())
+    config_module.auto_precision.cache_clear()
+    try:
+        class Auto(TinyConfig):
+            MIXED_PRECISION = "auto"
+        assert Auto().MIXED_PRECISION is None
+        monkeypatch.setattr(config_module, "cpu_bfloat16_flags", lambda: ("amx_bf16",))
+        config_module.auto_precision.cache_clear()
+        assert Auto().MIXED_PRECISION == "mixed_bfloat16"
+        assert Auto().derive(MIXED_PRECISION=None).MIXED_PRECISION is None
+    finally:
+        config_module.auto_precision.cache_clear()
