@@ -45,7 +45,8 @@ for path in (ROOT_DIR, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from torchvision_parity import DEFAULT_TORCH_PYTHON, DEFAULT_TRAINED_DIR, ReferenceChild, torch_missing  # noqa: E402
+from torch_child import DEFAULT_TORCH_PYTHON, ReferenceChild, check_torch_python  # noqa: E402
+from torchvision_parity import DEFAULT_TRAINED_DIR  # noqa: E402
 
 
 def training_arrays(dataset, path):
@@ -119,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--reuse", action="store_true", help="reuse the saved torchvision state dict")
     parser.add_argument("--torch-python", default=DEFAULT_TORCH_PYTHON)
     args = parser.parse_args(argv)
-    reason = torch_missing(args.torch_python)
+    reason = check_torch_python(args.torch_python)
     if reason:
         sys.exit(reason)
 

@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from torch_child import ChildError, TorchChild, check_torch_python  # noqa: E402
+from torch_child import JsonLinesChild, TorchChild, check_torch_python  # noqa: E402
 from vs_torchvision import (DEFAULT_TORCH_PYTHON, EQUAL_CONFIG, make_config, make_dataset,  # noqa: E402
                             torchvision_kwargs, write_npz)
 
@@ -97,42 +96,16 @@ def progress(msg):
     print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
 
 
-class RuntimeChild:
+class RuntimeChild(JsonLinesChild):
     """One exported file served by its runtime in a child process."""
 
     def __init__(self, fmt, path, images_npz, threads, log_dir, label):
         from mrcnn.export_formats import runner
-        self.stderr = open(os.path.join(log_dir, f"{label}.stderr"), "wb")
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD.format(runner=runner(fmt)), path, images_npz,
-                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, bufsize=1, cwd=log_dir, env=env)
-        self.label = label
-        self._read()
-
-    def _read(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise ChildError(f"{self.label}: the runtime child died (exit status {self.proc.wait()}); "
-                             f"see {self.stderr.name}")
-        return json.loads(line)
+        super().__init__([sys.executable, "-c", CHILD.format(runner=runner(fmt)), path, images_npz, str(threads)],
+                         log_dir, label, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
     def infer(self, count):
-        self.proc.stdin.write(json.dumps({"cmd": "infer", "images": count}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=30)
-            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
+        return self.call("infer", images=count)
 
 
 class TorchSide:
@@ -144,7 +117,7 @@ class TorchSide:
         self.label = "torchvision@bf16" if bfloat16 else "torchvision"
 
     def infer(self, count):
-        reply = self.child.call(cmd="infer", images=count, score_thresh=0.0, bfloat16=self.bfloat16)
+        reply = self.child.call("infer", images=count, score_thresh=0.0, bfloat16=self.bfloat16)
         with open(f"/proc/{self.child.proc.pid}/status") as f:
             reply["peak_mb"] = next(int(line.split()[1]) / 1024. for line in f if line.startswith("VmHWM:"))
         return reply

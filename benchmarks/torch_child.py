@@ -1,34 +1,41 @@
-"""The parent side of ``vs_torchvision.py``'s torchvision worker.
-
-``torchvision_worker.py`` runs in the torchvision venv (never in ours); this
-module starts it, sends it one JSON command per line and reads one JSON reply
-per line (``TorchChild``), and checks that an interpreter has torch and
-torchvision (``check_torch_python``).
+"""The parent side of the benchmarks' child processes: a process that
+answers one JSON line per command (``json_lines.py``'s protocol: the torch
+children ``torchvision_worker.py`` and ``torchvision_reference.py``, which run
+in the torchvision venv and never import this library, and ``serving.py``'s
+runtime children). ``JsonLinesChild`` starts one, sends it commands and reads
+its replies, with the child's stderr in a file whose tail is shown when it
+fails; ``check_torch_python`` says whether an interpreter has torch and
+torchvision.
 """
 
 import json
 import os
 import subprocess
 
-WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_worker.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER_SCRIPT = os.path.join(HERE, "torchvision_worker.py")
+REFERENCE_SCRIPT = os.path.join(HERE, "torchvision_reference.py")
+DEFAULT_TORCH_PYTHON = os.path.join(os.path.dirname(HERE), ".venv-torchvision", "bin", "python")
+INSTALL_HINT = ("python3 -m venv .venv-torchvision && "
+                ".venv-torchvision/bin/pip install -r benchmarks/requirements-torchvision.txt")
 
 
 class ChildError(RuntimeError):
     pass
 
 
-class TorchChild:
-    """The torchvision worker process, one JSON line per command."""
+class JsonLinesChild:
+    """A child process (``argv``) that first replies once (``self.info``),
+    then once per command. Its stderr goes to ``<log_dir>/<name>.stderr``."""
 
-    def __init__(self, python, npz_path, size, log_dir):
-        self.stderr_path = os.path.join(log_dir, f"torch_worker_{size}.stderr")
+    def __init__(self, argv, log_dir, name, env=None, cwd=None):
+        self.label = name
+        self.stderr_path = os.path.join(log_dir, f"{name}.stderr")
         self._stderr = open(self.stderr_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen(
-            [python, WORKER_SCRIPT, npz_path, str(size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            text=True, bufsize=1, cwd=log_dir, env=env)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, bufsize=1, cwd=cwd or log_dir, env=env)
         self.info = self._read()
 
     def _stderr_tail(self, n=4000):
@@ -43,22 +50,24 @@ class TorchChild:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait(timeout=30)
-            raise ChildError(f"the torchvision worker died (exit status {code}); its stderr:\n"
+            raise ChildError(f"{self.label}: the child died (exit status {code}); its stderr:\n"
                              + self._stderr_tail())
         reply = json.loads(line)
         if not reply.get("ok"):
-            raise ChildError("the torchvision worker failed:\n" + reply.get("error", repr(reply)))
+            raise ChildError(f"{self.label}: the child failed:\n" + reply.get("error", repr(reply)))
         return reply
 
-    def call(self, **cmd):
+    def call(self, cmd, **kwargs):
+        """Send ``{"cmd": cmd, **kwargs}``; return the reply (``ChildError`` if it failed or died)."""
         try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.write(json.dumps(dict(cmd=cmd, **kwargs)) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # _read reports the death with the child's stderr
         return self._read()
 
     def close(self):
+        """Ask the child to quit; terminate, then kill it if it does not."""
         try:
             if self.proc.poll() is None:
                 try:
@@ -82,13 +91,38 @@ class TorchChild:
                     pass
             self._stderr.close()
 
+    def __enter__(self):
+        return self
 
-def check_torch_python(python):
-    """None if `python` can import torch and torchvision, else the reason."""
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TorchChild(JsonLinesChild):
+    """``torchvision_worker.py`` (``vs_torchvision.py``, ``serving.py``) on DATA.npz at one size."""
+
+    def __init__(self, python, npz_path, size, log_dir):
+        super().__init__([python, WORKER_SCRIPT, npz_path, str(size)], log_dir, f"torch_worker_{size}")
+
+
+class ReferenceChild(JsonLinesChild):
+    """``torchvision_reference.py`` (``torchvision_parity.py``, ``pretrained.py``,
+    ``time_to_accuracy.py``) with ``threads`` torch threads."""
+
+    def __init__(self, python=DEFAULT_TORCH_PYTHON, log_dir=None, threads=2):
+        import tempfile
+        log_dir = log_dir or tempfile.gettempdir()
+        super().__init__([python, REFERENCE_SCRIPT], log_dir, f"torchvision_reference_{os.getpid()}",
+                         env=dict(os.environ, TORCH_THREADS=str(threads)))
+
+
+def check_torch_python(python=DEFAULT_TORCH_PYTHON):
+    """None if ``python`` can import torch and torchvision, else the reason
+    (with how to install them)."""
     if not python:
         return "no interpreter given"
     if not os.path.exists(python):
-        return f"{python} does not exist"
+        return f"{python} does not exist; install it with: {INSTALL_HINT}"
     try:
         r = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True,
                            text=True, timeout=300)

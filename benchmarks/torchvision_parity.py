@@ -34,7 +34,6 @@ largest absolute reference value ("rel").
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,72 +46,13 @@ ROOT_DIR = os.path.dirname(HERE)
 if ROOT_DIR not in sys.path:
     sys.path.insert(0, ROOT_DIR)
 
-REFERENCE_SCRIPT = os.path.join(HERE, "torchvision_reference.py")
-DEFAULT_TORCH_PYTHON = os.path.join(ROOT_DIR, ".venv-torchvision", "bin", "python")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from torch_child import DEFAULT_TORCH_PYTHON, ReferenceChild, check_torch_python  # noqa: E402,F401
+
 DEFAULT_TRAINED_DIR = os.path.join(ROOT_DIR, "runs", "torchvision-pretrained")
-INSTALL_HINT = ("python3 -m venv .venv-torchvision && "
-                ".venv-torchvision/bin/pip install -r benchmarks/requirements-torchvision.txt")
 #: The stage outputs of the ResNet-50 body (our layer names).
 BODY_OUTPUTS = {"C2": "res2c_out", "C3": "res3d_out", "C4": "res4f_out", "C5": "res5c_out"}
-
-
-class ReferenceChild:
-    """``torchvision_reference.py`` in the torch venv: one JSON line per command."""
-
-    def __init__(self, python=DEFAULT_TORCH_PYTHON, log_dir=None, threads=2):
-        log_dir = log_dir or tempfile.gettempdir()
-        self.stderr_path = os.path.join(log_dir, f"torchvision_reference_{os.getpid()}.stderr")
-        self._stderr = open(self.stderr_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_THREADS=str(threads))
-        env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen([python, REFERENCE_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, bufsize=1, cwd=log_dir, env=env)
-        self.info = self._read()
-
-    def _read(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.wait(timeout=30)
-            self._stderr.flush()
-            with open(self.stderr_path, "rb") as f:
-                tail = f.read().decode("utf-8", "replace")[-4000:]
-            raise RuntimeError(f"the torchvision child died (exit status {code}); its stderr:\n{tail}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError("the torchvision child failed:\n" + reply.get("error", repr(reply)))
-        return reply
-
-    def call(self, cmd, **kwargs):
-        try:
-            self.proc.stdin.write(json.dumps(dict(cmd=cmd, **kwargs)) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-        return self._read()
-
-    def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.call("quit")
-                self.proc.wait(timeout=20)
-            except (RuntimeError, OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self._stderr.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def torch_missing(python=DEFAULT_TORCH_PYTHON):
-    """None when ``python`` imports torch and torchvision, else the reason."""
-    if not os.path.exists(python):
-        return f"{python} does not exist; install it with: {INSTALL_HINT}"
-    r = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True, text=True)
-    return None if r.returncode == 0 else f"{python} cannot import torch/torchvision: {r.stderr[-500:]}"
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +343,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer images, no 800/1333 case")
     parser.add_argument("--out", default=None, metavar="MD", help="write the summary table to this Markdown file")
     args = parser.parse_args(argv)
-    reason = torch_missing(args.torch_python)
+    reason = check_torch_python(args.torch_python)
     if reason:
         sys.exit(reason)
     t0 = time.time()

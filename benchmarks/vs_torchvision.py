@@ -87,10 +87,9 @@ import sys
 import tempfile
 import time
 
-from torch_child import ChildError, TorchChild, check_torch_python
+from torch_child import DEFAULT_TORCH_PYTHON, ChildError, TorchChild, check_torch_python
 
 ROOT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-DEFAULT_TORCH_PYTHON = os.path.join(ROOT_DIR, ".venv-torchvision", "bin", "python")
 INSTALL_HINT = (
     "To compare with torchvision, install torch and torchvision in their own venv\n"
     "(about 70 s; x86_64 pulls a CUDA build, ~5.5 GB, which runs on the CPU here):\n\n"
@@ -449,6 +448,23 @@ def parse_variants(items):
 # main
 # ===========================================================================
 
+def through_train(config, ds, steps, log_dir, workers=None):
+    """One public ``train()`` call as a user makes it (2 epochs of ``steps``
+    steps, flips, the default loader unless ``workers`` is given): the second
+    epoch's (seconds per step, fraction of it waiting for data) from
+    ``history.csv`` -- data loading, logging and callbacks included."""
+    import keras
+    from mrcnn import model as modellib
+    from mrcnn.logs import read_table
+    keras.utils.set_random_seed(0)
+    config = config.derive(STEPS_PER_EPOCH=steps, VALIDATION_STEPS=0)
+    m = modellib.MaskRCNN("training", config, model_dir=log_dir)
+    m.train(ds, None, config.LEARNING_RATE, epochs=2, layers="all", augmentation="fliplr", seed=0,
+            workers=workers)
+    history = read_table(os.path.join(m.log_dir, "history.csv"))
+    return float(history["ms_per_step"][-1]) / 1000., float(history["data_wait"][-1])
+
+
 def run_size(size, cfg, variants, args, torch_python, tmp, results):
     ds = make_dataset(args.batches * int(cfg["IMAGES_PER_GPU"]), size)
     tv = torchvision_kwargs(cfg, size)
@@ -472,9 +488,9 @@ def run_size(size, cfg, variants, args, torch_python, tmp, results):
                         "infer_100": lambda k, side=side: side.infer(k, "infer_100")}
                  for name, side in ours.items()}
         if child:
-            sides["theirs"] = {"train": lambda k: child.call(cmd="train", steps=k),
-                               "infer": lambda k: child.call(cmd="infer", images=k),
-                               "infer_100": lambda k: child.call(cmd="infer", images=k, score_thresh=0.0)}
+            sides["theirs"] = {"train": lambda k: child.call("train", steps=k),
+                               "infer": lambda k: child.call("infer", images=k),
+                               "infer_100": lambda k: child.call("infer", images=k, score_thresh=0.0)}
         empty = {"seconds": [], "detections": []}
 
         def run_infer(fns, count):
@@ -529,6 +545,10 @@ def run_size(size, cfg, variants, args, torch_python, tmp, results):
                                          "infer_100": mean(raw[name]["detections_100"])}}
                    for name in raw}
         summary.setdefault("theirs", None)
+        if args.through_train:
+            progress(f"[{size}] through train(): 2 epochs of {args.through_train} steps")
+            seconds, wait = through_train(ours["ours"].config, ds, args.through_train, tmp)
+            summary["ours"]["through_train"] = {"seconds": seconds, "data_wait": wait}
         ratios = {}
         if summary["theirs"]:
             for name in ours:
@@ -537,6 +557,9 @@ def run_size(size, cfg, variants, args, torch_python, tmp, results):
                     a, b_ = summary[name][key], summary["theirs"][key]
                     if a and b_:
                         ratios[name][key] = a["median"] / b_["median"]
+            if "through_train" in summary["ours"] and summary["theirs"]["train"]:
+                ratios["ours"]["through_train"] = (summary["ours"]["through_train"]["seconds"]
+                                                   / summary["theirs"]["train"]["median"])
         infos = {name: side.info for name, side in ours.items()}
         results["sizes"][str(size)] = {
             "raw_seconds": raw, "warmup_seconds": raw_warm, "block_orders": orders,
@@ -575,6 +598,9 @@ def main(argv=None):
                         "these overrides (Python literals), timed with the others, e.g. "
                         "--variant xla=JIT_COMPILE=True --variant bf16=MIXED_PRECISION='\"mixed_bfloat16\"'; "
                         "repeatable; never changes torchvision")
+    p.add_argument("--through-train", type=int, default=8, metavar="STEPS",
+                   help="after the blocks, time one public train() call of 2 epochs of STEPS steps "
+                        "(data loading included; the second epoch counts); 0: skip (default: %(default)s)")
     p.add_argument("--json", default=None, help="write raw timings and the summary here")
     args = p.parse_args(argv)
     if min(args.sizes) <= 0 or args.blocks < 1 or args.steps < 1 or args.batches < 1 or args.warmup < 0:
@@ -669,6 +695,12 @@ def main(argv=None):
     label = "torchvision" if torch_info else "torchvision (not run)"
     for size, (_, _, summary) in per_size.items():
         out += ["", table(size, summary, ours_names, label, cfg)]
+        tt = summary["ours"].get("through_train")
+        if tt:
+            r = results["sizes"][str(size)]["ratio_of_medians"].get("ours", {}).get("through_train")
+            out.append(f"through train() (one public call, 2nd epoch of {args.through_train} steps, data loading "
+                       f"included, {100 * tt['data_wait']:.1f}% waiting for data): {tt['seconds']:.3f} s/step"
+                       + (f" = {r:.2f}x torchvision's median step" if r else ""))
         labels = regime_labels(cfg)
         for name, r in results["sizes"][str(size)]["ratio_of_medians"].items():
             out.append("ratio of medians ({} / torchvision): train {}, inference ({}) {}, "

@@ -498,8 +498,8 @@ def _torch_reason():
         return (f"no torchvision venv at {TORCH_PYTHON} (python3 -m venv .venv-torchvision && "
                 ".venv-torchvision/bin/pip install -r benchmarks/requirements-torchvision.txt)")
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from torchvision_parity import torch_missing
-    return torch_missing(TORCH_PYTHON)
+    from torch_child import check_torch_python
+    return check_torch_python(TORCH_PYTHON)
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
