@@ -108,6 +108,7 @@ EQUAL_CONFIG = {
     "BACKBONE": "resnet50",
     "IMAGES_PER_GPU": 2,                # batch 2
     "NUM_CLASSES": 81,                  # background + 80
+    "MIXED_PRECISION": None,            # float32, as torchvision (bfloat16: --variant)
     "RPN_TRAIN_ANCHORS_PER_IMAGE": 256,
     "RPN_NMS_THRESHOLD": 0.7,
     "PRE_NMS_LIMIT": 2000,
@@ -546,9 +547,10 @@ def run_size(size, cfg, variants, args, torch_python, tmp, results):
                    for name in raw}
         summary.setdefault("theirs", None)
         if args.through_train:
-            progress(f"[{size}] through train(): 2 epochs of {args.through_train} steps")
-            seconds, wait = through_train(ours["ours"].config, ds, args.through_train, tmp)
-            summary["ours"]["through_train"] = {"seconds": seconds, "data_wait": wait}
+            for name, side in ours.items():
+                progress(f"[{size}] through train(), {name}: 2 epochs of {args.through_train} steps")
+                seconds, wait = through_train(side.config, ds, args.through_train, tmp)
+                summary[name]["through_train"] = {"seconds": seconds, "data_wait": wait}
         ratios = {}
         if summary["theirs"]:
             for name in ours:
@@ -557,9 +559,9 @@ def run_size(size, cfg, variants, args, torch_python, tmp, results):
                     a, b_ = summary[name][key], summary["theirs"][key]
                     if a and b_:
                         ratios[name][key] = a["median"] / b_["median"]
-            if "through_train" in summary["ours"] and summary["theirs"]["train"]:
-                ratios["ours"]["through_train"] = (summary["ours"]["through_train"]["seconds"]
-                                                   / summary["theirs"]["train"]["median"])
+                if "through_train" in summary[name] and summary["theirs"]["train"]:
+                    ratios[name]["through_train"] = (summary[name]["through_train"]["seconds"]
+                                                     / summary["theirs"]["train"]["median"])
         infos = {name: side.info for name, side in ours.items()}
         results["sizes"][str(size)] = {
             "raw_seconds": raw, "warmup_seconds": raw_warm, "block_orders": orders,
@@ -695,12 +697,13 @@ def main(argv=None):
     label = "torchvision" if torch_info else "torchvision (not run)"
     for size, (_, _, summary) in per_size.items():
         out += ["", table(size, summary, ours_names, label, cfg)]
-        tt = summary["ours"].get("through_train")
-        if tt:
-            r = results["sizes"][str(size)]["ratio_of_medians"].get("ours", {}).get("through_train")
-            out.append(f"through train() (one public call, 2nd epoch of {args.through_train} steps, data loading "
-                       f"included, {100 * tt['data_wait']:.1f}% waiting for data): {tt['seconds']:.3f} s/step"
-                       + (f" = {r:.2f}x torchvision's median step" if r else ""))
+        for name in ours_names:
+            tt = summary[name].get("through_train")
+            if tt:
+                r = results["sizes"][str(size)]["ratio_of_medians"].get(name, {}).get("through_train")
+                out.append(f"through train(), {name} (one public call, 2nd epoch of {args.through_train} steps, "
+                           f"data loading included, {100 * tt['data_wait']:.1f}% waiting for data): "
+                           f"{tt['seconds']:.3f} s/step" + (f" = {r:.2f}x torchvision's median step" if r else ""))
         labels = regime_labels(cfg)
         for name, r in results["sizes"][str(size)]["ratio_of_medians"].items():
             out.append("ratio of medians ({} / torchvision): train {}, inference ({}) {}, "

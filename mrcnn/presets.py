@@ -120,6 +120,9 @@ class TorchvisionConfig(Config):
 
     NAME = "torchvision"
     NUM_CLASSES = 91
+    # float32, as torchvision computes: its weights give its detections (set
+    # "auto" or "mixed_bfloat16" to trade that for speed).
+    MIXED_PRECISION = None
     IMAGES_PER_GPU = 2
 
     BACKBONE = "resnet50_torchvision"

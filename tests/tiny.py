@@ -34,6 +34,9 @@ class TinyConfig(Config):
     STEPS_PER_EPOCH = 3
     VALIDATION_STEPS = 1
     LEARNING_RATE = 0.01
+    # float32 on every machine: the suite compares numbers across runs, formats and
+    # libraries (the "auto" default is tested in test_compile.py).
+    MIXED_PRECISION = None
 
 
 def make_dataset(count=8, seed=0, size=64, split="train"):
