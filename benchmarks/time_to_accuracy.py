@@ -45,7 +45,7 @@ AP), the time this library's curve first reaches torchvision's final mask AP
     .venv/bin/python benchmarks/time_to_accuracy.py                      # 25 minutes per side
     .venv/bin/python benchmarks/time_to_accuracy.py --minutes 10 --evals 5 \\
         --variant 'bf16=MIXED_PRECISION="mixed_bfloat16"'
-    .venv/bin/python benchmarks/time_to_accuracy.py --quick --no-torch   # smoke test, < 1 minute
+    .venv/bin/python benchmarks/time_to_accuracy.py --quick --no-torch   # smoke test, well under a minute
 
 The machine must be otherwise idle: the minutes are wall-clock time.
 """
@@ -109,12 +109,12 @@ class BudgetStop:
             self.model.stop_training = True
 
 
-def calibrate(config, train_set, seed):
+def calibrate(config, train_set, seed, steps=30):
     """Seconds per training step of ``config`` on this machine: the second of
-    two 30-step epochs of a throwaway model (the first compiles)."""
+    two ``steps``-step epochs of a throwaway model (the first compiles)."""
     from mrcnn import model as modellib
     with tempfile.TemporaryDirectory(prefix="calibrate-") as log_dir:
-        model = modellib.MaskRCNN("training", config.derive(STEPS_PER_EPOCH=30, VALIDATION_STEPS=0), log_dir)
+        model = modellib.MaskRCNN("training", config.derive(STEPS_PER_EPOCH=steps, VALIDATION_STEPS=0), log_dir)
         logs = model.train(train_set, None, config.LEARNING_RATE, epochs=2, layers="all",
                            augmentation="fliplr", seed=seed)
     return float(logs["ms_per_step"]) / 1000.
@@ -126,7 +126,7 @@ def run_ours(label, config, data, args, steps=None):
     import keras
     from mrcnn import callbacks, coco_results, model as modellib
     budget = args.minutes * 60.
-    step_seconds = calibrate(config, data["train"], args.seed)
+    step_seconds = calibrate(config, data["train"], args.seed, steps=8 if args.quick else 30)
     if steps is None:
         steps = max(args.evals, int(budget / step_seconds))
     per_epoch = max(1, steps // args.evals)
@@ -278,7 +278,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 0.2 min per side, 2 evaluations, 60 train / 8 val images in a "
-                        "temporary folder, no figure unless --plot is given")
+                        "temporary folder, 8-step calibration, no figure unless --plot is given")
     args = p.parse_args(argv)
     plot_given = any(a == "--plot" or a.startswith("--plot=") for a in (argv or sys.argv[1:]))
     if args.quick:
