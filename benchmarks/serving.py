@@ -18,7 +18,8 @@ network, unmolding and mask pasting, to NumPy arrays). torchvision's
 in its own venv) is the reference at the equal configuration, in float32 and
 under torch's CPU autocast to bfloat16 (``torchvision@bf16``; ``--no-torch-bf16``
 leaves it out). On CPUs without native bfloat16 (AMX, AVX512-BF16) the bf16
-sides are slow emulations: ``--formats`` without them.
+sides are emulated and not expected to pay (not measured here): leave them
+out of ``--formats`` there.
 
 Settings (``--settings``):
     cpu128    the CPU preset (``presets.CpuConfig``) at 128x128;
